@@ -1,0 +1,110 @@
+"""Run the pretrained backbone under onnxruntime: images (N, 3, 299, 299) -> bottlenecks (N, 2048).
+
+The "bottleneck" is retrain.py's name for the layer just before the ImageNet classifier: Inception v3's `pool_3`, the
+average over the 8x8 grid of `mixed_10`. Everything the retrained model knows about an image is these 2048 numbers.
+
+The ONNX file comes with a JSON sidecar (see `backbone_build.backbone_sidecar` and models/README.md) that names the
+input, the outputs and the pixel scaling, so a different backbone can be used by writing a different sidecar.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from mini_retrain.backbone_build import ensure_backbone, sidecar_path
+
+DEVICES = ("auto", "cpu", "cuda")
+REQUIRED_SIDECAR_KEYS = ("input_name", "input_size", "input_mean", "input_std", "bottleneck_output", "bottleneck_size")
+
+
+class Backbone(NamedTuple):
+    session: Any  # onnxruntime.InferenceSession
+    path: Path
+    sidecar: dict[str, Any]
+    provider: str  # the execution provider actually used, e.g. "CPUExecutionProvider"
+
+
+def choose_providers(device: str, available: list[str]) -> tuple[list[str], str | None]:
+    """Execution providers for `device`, and a message when the request cannot be met.
+
+    auto: CUDA when this onnxruntime has it, else CPU.  cuda: CUDA, or CPU with a message.  cpu: CPU.
+    CPU is always last in the list, so onnxruntime can place any node CUDA cannot run.
+    """
+    if device not in DEVICES:
+        raise ValueError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
+    has_cuda = "CUDAExecutionProvider" in available
+    if device == "cpu" or (device == "auto" and not has_cuda):
+        return ["CPUExecutionProvider"], None
+    if has_cuda:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"], None
+    return ["CPUExecutionProvider"], (
+        "CUDA was asked for, but this onnxruntime has no CUDAExecutionProvider "
+        "(install onnxruntime-gpu and a CUDA runtime); using the CPU"
+    )
+
+
+def read_sidecar(onnx_path: Path) -> dict[str, Any]:
+    path = sidecar_path(onnx_path)
+    try:
+        sidecar = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: missing; a backbone needs its JSON sidecar (see models/README.md)") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error}); rebuild with `mini_retrain backbone`") from None
+    missing = [key for key in REQUIRED_SIDECAR_KEYS if key not in sidecar]
+    if missing:
+        raise ValueError(f"{path}: missing {', '.join(missing)} (see models/README.md for the sidecar fields)")
+    return sidecar
+
+
+def session_options():
+    """onnxruntime settings for one process that owns the machine: all cores on each operator, full graph fusion."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    return options
+
+
+def load_backbone(path: str | Path | None = None, device: str = "auto", verbose: bool = True) -> Backbone:
+    """Open the backbone ONNX in an onnxruntime session (building the default one on first use)."""
+    import onnxruntime
+
+    path = ensure_backbone(path)
+    sidecar = read_sidecar(path)
+    providers, message = choose_providers(device, onnxruntime.get_available_providers())
+    if message and verbose:
+        print(f"WARNING: {message}", flush=True)
+    try:
+        session = onnxruntime.InferenceSession(str(path), sess_options=session_options(), providers=providers)
+    except Exception as error:  # onnxruntime raises its own exception types for damaged files
+        raise ValueError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]}); rebuild it") from None
+    provider = session.get_providers()[0]
+    if verbose:
+        print(f"Backbone {path.name} on {provider}", flush=True)
+    return Backbone(session, path, sidecar, provider)
+
+
+def run_backbone(backbone: Backbone, images: np.ndarray, spatial: bool = False):
+    """Bottlenecks of a batch of backbone inputs.
+
+    images: (N, 3, H, W) float32, already scaled as the sidecar says ((x - 128) / 128 for Inception v3).
+    Returns pool_3 (N, 2048); with spatial=True, also the last feature map mixed_10 (N, 2048, 8, 8).
+    """
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    height, width = backbone.sidecar["input_size"]
+    if images.ndim != 4 or images.shape[1:] != (3, height, width):
+        raise ValueError(f"backbone input must be (N, 3, {height}, {width}), got {images.shape}")
+    outputs = [backbone.sidecar["bottleneck_output"]]
+    if spatial:
+        outputs.append(backbone.sidecar["spatial_output"])
+    results = backbone.session.run(outputs, {backbone.sidecar["input_name"]: images})
+    return (results[0], results[1]) if spatial else results[0]

@@ -1,0 +1,54 @@
+"""Random training batches: retrain.py's class-balanced sampling, vectorised.
+
+retrain.py builds each training batch one sample at a time:
+
+    for _ in range(batch_size):
+        label = random.randrange(class_count)          # a class, uniformly
+        image = random.randrange(MAX + 1) % len(images_of[label])   # an image of it, uniformly
+
+so every class is drawn equally often however many images it has (1000 "normal" vs 10 "tuberculosis"
+still gives ~50% / ~50%), and images are drawn with replacement. A batch_size of -1 means "use every
+image" (retrain.py uses it for whole-set evaluation).
+
+Here the same distribution is drawn without a Python loop over samples:
+
+    order   = stable argsort of labels         -> the candidates grouped by class
+    count_c = number of candidates in class c,  start_c = where class c begins in `order`
+    c       = a present class, uniformly        (u1 ~ U[0, 1):  c = classes[floor(u1 * n_classes)])
+    index   = order[start_c + floor(u2 * count_c)]     (u2 ~ U[0, 1): an image of c, uniformly)
+"""
+
+import numpy as np
+
+
+def sample_batch(labels: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices into `labels` of one training batch: class uniformly at random, then an image of it.
+
+    labels: (n,) int class index of each candidate (e.g. of every training bottleneck). Only the
+    classes present in `labels` are drawn. batch_size < 0 means "all": returns np.arange(n).
+    Returns (batch_size,) int indices, drawn with replacement.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array of class indices, got shape {labels.shape}.")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must hold integer class indices, got dtype {labels.dtype}.")
+    if batch_size == 0 or int(batch_size) != batch_size:
+        raise ValueError(f"batch_size must be a positive integer, or negative for 'all', got {batch_size!r}.")
+    if batch_size < 0:
+        return np.arange(labels.size)
+
+    # Group candidates by class: order[start[k] : start[k] + count[k]] are the candidates of classes[k].
+    order = np.argsort(labels, kind="stable")                  # (n,)
+    sorted_labels = labels[order]                               # (n,)
+    is_first = np.empty(labels.size, dtype=bool)                # True where a new class begins
+    is_first[0] = True
+    np.not_equal(sorted_labels[1:], sorted_labels[:-1], out=is_first[1:])
+    start = np.flatnonzero(is_first)                            # (n_classes,)
+    count = np.diff(start, append=labels.size)                  # (n_classes,)
+
+    # One call to the generator for both choices; u < 1 so floor(u * k) is in [0, k - 1].
+    u = rng.random((2, int(batch_size)))                        # (2, batch)
+    drawn_class = (u[0] * start.size).astype(np.intp)           # (batch,) position in the present classes
+    offset_in_class = (u[1] * count[drawn_class]).astype(np.intp)  # (batch,) which image of that class
+    return order[start[drawn_class] + offset_in_class]          # (batch,) indices into labels

