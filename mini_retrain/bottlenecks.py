@@ -1,0 +1,208 @@
+"""Bottlenecks: each image's 2048 numbers from the backbone, computed once and cached on disk.
+
+retrain.py spends nearly all its time here, so it caches: an image's bottleneck never changes while the image and the
+network stay the same. Our cache is keyed the same way, but by content rather than by name:
+
+    bottleneck_dir/<backbone id>/shard-*.npz      each: keys (n,) SHA-1 of the image file, bottlenecks (n, 2048) float32
+
+* The folder name is the backbone's ONNX hash plus the preprocessing version: another network or another resize
+  gives another folder, so stale numbers are never mixed in.
+* The key is the SHA-1 of the image file's bytes: an edited image gets a new key and is recomputed; a moved or
+  renamed image is found again; identical files share one entry (and are reported as duplicates by the caller).
+* Each batch is written as its own shard, to a temporary file renamed into place (atomic). A run killed half-way
+  keeps every finished batch; the next run computes only what is missing. A shard that does not load (damaged
+  disk, hand-edited file) is set aside with a warning and its images are recomputed.
+* When a run has added shards, they are merged into one, so that loading 100k cached bottlenecks is one file read.
+
+Decoding large X-rays can cost as much as the network, so images are decoded by a small thread pool (Pillow releases
+the GIL) while the backbone runs on the previous batch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+import uuid
+import zipfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from mini_retrain.atomic_write import write_bytes_atomically
+from mini_retrain.backbone import Backbone, backbone_input, run_backbone
+from mini_retrain.images import BadImageError, file_sha1, read_image
+
+PREPROCESSING_VERSION = "p1"  # bump when images.py changes what pixels reach the network
+
+
+class Bottlenecks(NamedTuple):
+    """The result for a list of image paths: rows for the usable images, and what happened to the others."""
+
+    values: np.ndarray  # (n_kept, bottleneck_size) float32
+    kept: list[int]  # indices into the requested paths, one per row of `values`
+    keys: list[str]  # SHA-1 of each kept image file (equal keys = identical files)
+    bad: list[tuple[str, str]]  # (path, reason) of each skipped image
+    computed: int  # how many were run through the backbone now (the rest came from the cache)
+
+
+def store_folder(bottleneck_dir: str | Path, backbone: Backbone) -> Path:
+    backbone_id = backbone.sidecar.get("onnx_sha256") or file_sha1(backbone.path)
+    return Path(bottleneck_dir) / f"{backbone_id[:16]}-{PREPROCESSING_VERSION}"
+
+
+def load_store(folder: Path, log: Callable[[str], None] = print) -> tuple[dict[str, int], np.ndarray]:
+    """Read every shard: ({key: row}, (n, D) float32). Damaged shards are renamed *.corrupt and skipped."""
+    index: dict[str, int] = {}
+    parts: list[np.ndarray] = []
+    rows = 0
+    for shard in sorted(folder.glob("shard-*.npz")):
+        try:
+            with np.load(shard, allow_pickle=False) as arrays:
+                keys, values = arrays["keys"], arrays["bottlenecks"]
+            if values.ndim != 2 or len(keys) != len(values) or not np.isfinite(values).all():
+                raise ValueError("inconsistent arrays")
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
+            log(f"WARNING: bottleneck cache file {shard} is damaged ({error}); its images will be recomputed")
+            os.replace(shard, shard.with_suffix(".corrupt"))
+            continue
+        for offset, key in enumerate(keys.tolist()):
+            index.setdefault(key, rows + offset)
+        parts.append(values.astype(np.float32, copy=False))
+        rows += len(values)
+    if not parts:
+        return {}, np.zeros((0, 0), np.float32)
+    return index, np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def write_shard(folder: Path, keys: list[str], values: np.ndarray) -> Path:
+    """Write one shard atomically (temporary file in the same folder, then rename)."""
+    buffer = io.BytesIO()
+    np.savez(buffer, keys=np.array(keys, dtype="<U40"), bottlenecks=np.asarray(values, np.float32))
+    name = f"shard-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
+    return write_bytes_atomically(folder / name, buffer.getvalue())
+
+
+def compact_store(folder: Path) -> None:
+    """Merge all shards into one (written before the old ones are removed, so a crash loses nothing)."""
+    shards = sorted(folder.glob("shard-*.npz"))
+    if len(shards) < 2:
+        return
+    index, values = load_store(folder)
+    keys = sorted(index, key=index.get)
+    merged = write_shard(folder, keys, values[[index[k] for k in keys]])
+    for shard in shards:
+        if shard != merged:
+            shard.unlink(missing_ok=True)
+
+
+def _batches(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _progress(done: int, total: int, started: float, stream=sys.stderr) -> None:
+    rate = done / max(time.perf_counter() - started, 1e-9)
+    remaining = (total - done) / rate if rate > 0 else float("inf")
+    line = f"Creating bottlenecks: {done}/{total} ({rate:.1f} images/s, about {remaining:.0f} s left)"
+    if stream.isatty():
+        print(f"\r{line}", end="\n" if done == total else "", file=stream, flush=True)
+    elif done == total or done % 100 < 32:
+        print(line, file=stream, flush=True)
+
+
+def get_bottlenecks(
+    paths: list[Path],
+    backbone: Backbone,
+    bottleneck_dir: str | Path,
+    on_bad_image: str = "skip",
+    batch_size: int = 32,
+    workers: int = 2,
+    log: Callable[[str], None] = print,
+) -> Bottlenecks:
+    """Bottlenecks for `paths`, from the cache where possible, else computed (and cached) batch by batch.
+
+    on_bad_image: "skip" prints one line per unusable file and leaves it out; "error" raises BadImageError.
+    """
+    if on_bad_image not in ("skip", "error"):
+        raise ValueError(f"--on_bad_image must be 'skip' or 'error', not {on_bad_image!r}")
+    folder = store_folder(bottleneck_dir, backbone)
+    index, cached = load_store(folder, log)
+    bad: list[tuple[str, str]] = []
+
+    def skip(path: Path, error: BadImageError) -> None:
+        if on_bad_image == "error":
+            raise error
+        log(f"Skipping {path}: {error.reason}")
+        bad.append((str(path), error.reason))
+
+    keys: list[str | None] = []
+    for path in paths:
+        try:
+            keys.append(file_sha1(path))
+        except BadImageError as error:
+            skip(path, error)
+            keys.append(None)
+    missing = [i for i, key in enumerate(keys) if key is not None and key not in index]
+    # Identical files need computing only once.
+    first_of_key: dict[str, int] = {}
+    to_compute = [i for i in missing if first_of_key.setdefault(keys[i], i) == i]
+
+    new_keys: list[str] = []
+    new_values: list[np.ndarray] = []
+    failed: dict[str, BadImageError] = {}  # key -> why it could not be decoded
+    if to_compute:
+        started = time.perf_counter()
+        done = 0
+
+        def decode(i: int) -> np.ndarray | BadImageError:
+            try:
+                return backbone_input(read_image(paths[i]), backbone.sidecar)
+            except BadImageError as error:
+                return error
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            # pool.map decodes ahead (all queued at once would hold every image in memory, so go batch by batch,
+            # submitting the next batch before running the network on this one).
+            batches = list(_batches(to_compute, batch_size))
+            pending = pool.map(decode, batches[0])
+            for number, batch in enumerate(batches):
+                decoded = list(pending)
+                if number + 1 < len(batches):
+                    pending = pool.map(decode, batches[number + 1])
+                good = [(i, x) for i, x in zip(batch, decoded) if not isinstance(x, BadImageError)]
+                for i, x in zip(batch, decoded):
+                    if isinstance(x, BadImageError):
+                        skip(paths[i], x)
+                        failed[keys[i]] = x
+                        keys[i] = None
+                if good:
+                    values = run_backbone(backbone, np.stack([x for _, x in good]))  # (batch, 2048)
+                    batch_keys = [keys[i] for i, _ in good]
+                    write_shard(folder, batch_keys, values)
+                    new_keys.extend(batch_keys)
+                    new_values.append(values)
+                done += len(batch)
+                _progress(done, len(to_compute), started)
+        compact_store(folder)
+
+    for i, key in enumerate(keys):
+        if key in failed:  # an identical copy of a file that failed to decode
+            skip(paths[i], failed[key])
+            keys[i] = None
+
+    # Assemble rows in the order of `paths`.
+    lookup = dict(index)
+    offset = len(cached)
+    for key in new_keys:
+        lookup[key] = offset
+        offset += 1
+    size = backbone.sidecar["bottleneck_size"]
+    table = np.concatenate([cached if cached.size else np.zeros((0, size), np.float32)] + new_values)
+    kept = [i for i, key in enumerate(keys) if key is not None and key in lookup]
+    values = table[[lookup[keys[i]] for i in kept]] if kept else np.zeros((0, table.shape[1]), np.float32)
+    return Bottlenecks(values, kept, [keys[i] for i in kept], bad, len(new_keys))

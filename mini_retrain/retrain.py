@@ -1,0 +1,242 @@
+"""retrain.py, step by step: image folders -> bottlenecks -> a trained final layer -> test metrics -> one ONNX file.
+
+    1. find_images       one subfolder per class                                    (image_lists.py)
+    2. split             stable hash of each relative path -> training/validation/testing   (split.py)
+    3. bottlenecks       pool_3 of every image, cached                                (bottlenecks.py)
+    4. train             softmax layer, cross-entropy, gradient descent, random batches   (train.py)
+    5. test              "Final test accuracy = X% (N=M)", with confidence intervals  (metrics.py)
+    6. write             the graph (backbone + final layer + OOD distance), labels, weights, metrics  (export.py)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from mini_retrain.atomic_write import write_bytes_atomically
+from mini_retrain.backbone import load_backbone, run_backbone
+from mini_retrain.backbone_build import cache_dir
+from mini_retrain.bottlenecks import get_bottlenecks
+from mini_retrain.image_lists import find_images
+from mini_retrain.split import SPLITS, split_image_lists
+from mini_retrain.train import FinalLayer, train_final_layer
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrainSettings:
+    """retrain.py's flags, with its defaults (paths default to the current folder rather than /tmp)."""
+
+    image_dir: Path
+    output_graph: Path = Path("retrained_graph.onnx")
+    output_labels: Path = Path("retrained_labels.txt")
+    output_weights: Path | None = None  # default: <output_graph>.final_layer.npz
+    summaries_dir: Path | None = None
+    bottleneck_dir: Path | None = None  # default: the per-user cache (bottlenecks are keyed by content)
+    backbone: Path | None = None
+    device: str = "auto"
+    how_many_training_steps: int = 4000
+    learning_rate: float = 0.01
+    testing_percentage: float = 10.0
+    validation_percentage: float = 10.0
+    eval_step_interval: int = 10
+    train_batch_size: int = 100
+    test_batch_size: int = -1
+    validation_batch_size: int = 100
+    print_misclassified_test_images: bool = False
+    final_tensor_name: str = "final_result"
+    flip_left_right: bool = False
+    random_crop: float = 0.0
+    random_scale: float = 0.0
+    random_brightness: float = 0.0
+    intermediate_store_frequency: int = 0
+    intermediate_output_graphs_dir: Path = Path("intermediate_graphs")
+    random_seed: int = 0
+    on_bad_image: str = "skip"
+    positive_label: str | None = None
+    explain_misclassified: Path | None = None
+
+
+def _write_text(path: Path, text: str) -> None:
+    write_bytes_atomically(path, text.encode())
+
+
+def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> dict:
+    """Run the whole of retrain.py; return the test evaluation (also written as JSON beside the graph)."""
+    from mini_retrain.export import build_retrained_model, write_final_layer, write_labels, write_retrained_graph
+    from mini_retrain.metrics import evaluate, format_evaluation
+    from mini_retrain.ood import fit_ood_model
+    from mini_retrain.softmax_layer import compute_logits, softmax
+
+    _check_outputs_writable(settings)
+
+    # 1-2. Which images, which label, which split.
+    image_lists, warnings = find_images(settings.image_dir)
+    splits, split_warnings = split_image_lists(image_lists, settings.validation_percentage, settings.testing_percentage)
+    for warning in warnings + split_warnings:
+        log(warning)
+    labels = list(splits)  # class index order = sorted label order
+    log(f"Found {sum(len(v) for v in image_lists.values())} images in {len(labels)} classes: "
+        + ", ".join(f"{label} ({len(image_lists[label])})" for label in labels))
+
+    # 3. Bottlenecks, for every image in every split.
+    backbone = load_backbone(settings.backbone, settings.device)
+    entries = [(split, index, relative) for index, label in enumerate(labels)
+               for split in SPLITS for relative in splits[label][split]]
+    paths = [settings.image_dir / relative for _, _, relative in entries]
+    bottleneck_dir = settings.bottleneck_dir or cache_dir() / "bottlenecks"
+    result = get_bottlenecks(paths, backbone, bottleneck_dir, on_bad_image=settings.on_bad_image, log=log)
+    log(f"{len(result.kept)} bottlenecks ready ({result.computed} computed now, "
+        f"{len(result.kept) - result.computed} from the cache in {bottleneck_dir})")
+    kept_entries = [entries[i] for i in result.kept]
+    _report_duplicates(kept_entries, result.keys, labels, log)
+
+    def arrays(split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        rows = [r for r, (s, _, _) in enumerate(kept_entries) if s == split]
+        return (result.values[rows], np.array([kept_entries[r][1] for r in rows], dtype=np.int64),
+                [kept_entries[r][2] for r in rows])
+
+    train_x, train_y, train_files = arrays("training")
+    validation_x, validation_y, _ = arrays("validation")
+    test_x, test_y, test_files = arrays("testing")
+    missing = [labels[c] for c in range(len(labels)) if not np.any(train_y == c)]
+    if missing:
+        raise ValueError(f"{settings.image_dir}: class '{missing[0]}' has no usable training image; add images to it")
+
+    # 4. Train.
+    rng = np.random.default_rng(settings.random_seed)
+    distorted = _distorted_bottlenecks(settings, backbone, train_files, rng) if _wants_distortions(settings) else None
+    on_step = _intermediate_writer(settings, backbone, labels, log) if settings.intermediate_store_frequency > 0 else None
+    layer, history = train_final_layer(
+        train_x, train_y, validation_x, validation_y, len(labels), rng,
+        how_many_training_steps=settings.how_many_training_steps, learning_rate=settings.learning_rate,
+        train_batch_size=settings.train_batch_size, validation_batch_size=settings.validation_batch_size,
+        eval_step_interval=settings.eval_step_interval, log=log, distorted_bottlenecks=distorted, on_step=on_step,
+    )
+
+    # 5. Test, once, on images the training never saw.
+    if len(test_y):
+        chosen = np.arange(len(test_y)) if settings.test_batch_size < 0 else \
+            rng.choice(len(test_y), size=min(settings.test_batch_size, len(test_y)), replace=False)
+        probabilities = softmax(compute_logits(test_x[chosen], layer.weights, layer.biases))  # (n, classes)
+        evaluation = evaluate(probabilities, test_y[chosen], labels, settings.positive_label)
+        for line in format_evaluation(evaluation):
+            log(line)
+        predictions = probabilities.argmax(axis=1)
+        misclassified = [(test_files[i], labels[p], labels[test_y[i]])
+                         for i, p in zip(chosen, predictions) if p != test_y[i]]
+        if settings.print_misclassified_test_images:
+            log("=== MISCLASSIFIED TEST IMAGES ===")
+            for file, predicted, _true in misclassified:
+                log(f"{file:>70}  {predicted}")
+        evaluation["misclassified"] = [{"file": f, "predicted": p, "true": t} for f, p, t in misclassified]
+    else:
+        log("WARNING: no test images (raise --testing_percentage); no final test accuracy")
+        evaluation, misclassified = {"n": 0}, []
+
+    # 6. Write everything.
+    ood = fit_ood_model(train_x, train_y, len(labels))
+    model = build_retrained_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name, ood)
+    write_retrained_graph(settings.output_graph, model)
+    write_labels(settings.output_labels, labels)
+    weights_path = settings.output_weights or settings.output_graph.with_suffix(".final_layer.npz")
+    write_final_layer(weights_path, layer.weights, layer.biases, labels)
+    evaluation["history"] = history
+    evaluation["ood_threshold"] = float(ood.threshold)
+    metrics_path = settings.output_graph.with_suffix(".metrics.json")
+    _write_text(metrics_path, json.dumps(evaluation, indent=2) + "\n")
+    if settings.summaries_dir is not None:
+        _write_summaries(settings.summaries_dir, history)
+    if settings.explain_misclassified is not None and misclassified:
+        from mini_retrain.cam import explain_images
+
+        explain_images(settings.output_graph, [settings.image_dir / f for f, _, _ in misclassified],
+                       settings.explain_misclassified, log=log)
+    log(f"Wrote {settings.output_graph}, {settings.output_labels}, {weights_path} and {metrics_path}")
+    return evaluation
+
+
+def _check_outputs_writable(settings: RetrainSettings) -> None:
+    """Fail before hours of work, not after: each output's folder must exist (or be creatable) and be writable."""
+    for path in (settings.output_graph, settings.output_labels):
+        folder = Path(path).resolve().parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder / f".mini_retrain_write_test_{id(settings)}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise ValueError(f"{path}: cannot write there ({error.strerror}); choose another output path") from None
+
+
+def _report_duplicates(entries: list[tuple[str, int, str]], keys: list[str], labels: list[str],
+                       log: Callable[[str], None]) -> None:
+    """Identical files (same SHA-1) in two splits leak test data into training; in two classes they contradict."""
+    by_key: dict[str, list[tuple[str, int, str]]] = {}
+    for entry, key in zip(entries, keys):
+        by_key.setdefault(key, []).append(entry)
+    for copies in by_key.values():
+        if len(copies) < 2:
+            continue
+        names = ", ".join(relative for _, _, relative in copies)
+        if len({label for _, label, _ in copies}) > 1:
+            log(f"WARNING: identical images with different labels (label conflict): {names}")
+        if len({split for split, _, _ in copies}) > 1:
+            log(f"WARNING: identical images in different splits (data leak: "
+                f"{'/'.join(sorted({s for s, _, _ in copies}))}): {names}")
+
+
+def _wants_distortions(settings: RetrainSettings) -> bool:
+    from mini_retrain.distortions import distortions_requested
+
+    return distortions_requested(settings.flip_left_right, settings.random_crop, settings.random_scale,
+                                 settings.random_brightness)
+
+
+def _distorted_bottlenecks(settings: RetrainSettings, backbone, train_files: list[str], rng: np.random.Generator):
+    """retrain.py's slow path: each training batch is read, distorted and run through the backbone at every step.
+
+    Images are decoded once and kept in memory, shrunk to the largest size a distortion can ask for.
+    """
+    from mini_retrain.distortions import distort
+    from mini_retrain.images import read_image
+
+    size = backbone.sidecar["input_size"][0]
+    largest = int(np.ceil(size * (1 + settings.random_crop / 100) * (1 + settings.random_scale / 100)))
+    decoded: dict[int, np.ndarray] = {}
+
+    def bottlenecks_for(indices: np.ndarray) -> np.ndarray:
+        batch = []
+        for i in indices.tolist():
+            if i not in decoded:
+                image = read_image(settings.image_dir / train_files[i]).resize((largest, largest))
+                decoded[i] = np.asarray(image, dtype=np.uint8)
+            batch.append(distort(decoded[i].astype(np.float32), rng, settings.flip_left_right, settings.random_crop,
+                                 settings.random_scale, settings.random_brightness, size))
+        return run_backbone(backbone, np.stack(batch))
+
+    return bottlenecks_for
+
+
+def _intermediate_writer(settings: RetrainSettings, backbone, labels: list[str], log: Callable[[str], None]):
+    from mini_retrain.export import build_retrained_model, write_retrained_graph
+
+    def on_step(step: int, layer: FinalLayer) -> None:
+        if step > 0 and step % settings.intermediate_store_frequency == 0:
+            path = settings.intermediate_output_graphs_dir / f"intermediate_{step}.onnx"
+            model = build_retrained_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name)
+            write_retrained_graph(path, model)
+            log(f"Save intermediate result to : {path}")
+
+    return on_step
+
+
+def _write_summaries(folder: Path, history: list[dict]) -> None:
+    """Per-step metrics as CSV (for a spreadsheet) and JSON lines (for a script)."""
+    columns = ["step", "train_accuracy", "cross_entropy", "validation_accuracy", "validation_n"]
+    csv = [",".join(columns)] + [",".join(str(row.get(c, "")) for c in columns) for row in history]
+    _write_text(folder / "metrics.csv", "\n".join(csv) + "\n")
+    _write_text(folder / "metrics.jsonl", "".join(json.dumps(row) + "\n" for row in history))

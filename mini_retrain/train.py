@@ -1,0 +1,98 @@
+"""The training loop of retrain.py: random batches of bottlenecks, one gradient descent step each, and its log lines.
+
+    for step in 0 .. how_many_training_steps - 1:
+        batch  = sample_batch(training labels)                     # class first, then an image, with replacement
+        dW, db = gradients of the mean cross-entropy on the batch   # softmax_layer.gradients
+        W, b  -= learning_rate * (dW, db)                          # plain gradient descent
+        every eval_step_interval steps, and at the last one:
+            "Step N: Train accuracy = X%"       on the batch just trained on (after the step, as retrain.py)
+            "Step N: Cross entropy = Y"         on that batch
+            "Step N: Validation accuracy = Z% (N=M)"   on a fresh random validation batch
+
+Only the final layer learns; the bottlenecks are fixed numbers, which is why thousands of steps take well under a
+second. With distortions, `distorted_bottlenecks` replaces the cached training bottlenecks of each batch by those of
+freshly distorted images (slow: the backbone runs at every step, as in retrain.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+
+from mini_retrain.sampling import sample_batch
+from mini_retrain.softmax_layer import compute_logits, cross_entropy, gradient_descent_step, gradients, init_final_layer
+
+
+class FinalLayer(NamedTuple):
+    weights: np.ndarray  # (bottleneck_size, class_count) float32
+    biases: np.ndarray  # (class_count,) float32
+
+
+def accuracy(layer: FinalLayer, bottlenecks: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of rows whose largest logit is the true class (softmax does not change the argmax)."""
+    predictions = compute_logits(bottlenecks, layer.weights, layer.biases).argmax(axis=1)
+    return float((predictions == labels).mean())
+
+
+def train_final_layer(
+    train_bottlenecks: np.ndarray,
+    train_labels: np.ndarray,
+    validation_bottlenecks: np.ndarray,
+    validation_labels: np.ndarray,
+    class_count: int,
+    rng: np.random.Generator,
+    how_many_training_steps: int = 4000,
+    learning_rate: float = 0.01,
+    train_batch_size: int = 100,
+    validation_batch_size: int = 100,
+    eval_step_interval: int = 10,
+    log: Callable[[str], None] = print,
+    distorted_bottlenecks: Callable[[np.ndarray], np.ndarray] | None = None,
+    on_step: Callable[[int, FinalLayer], None] | None = None,
+) -> tuple[FinalLayer, list[dict]]:
+    """Train the final layer; return it and the per-evaluation history (dicts, one per logged step).
+
+    train_bottlenecks (n, D) float32 with train_labels (n,) int; validation likewise (may be empty).
+    distorted_bottlenecks(indices) -> (batch, D), when given, supplies the training batch instead of the cache.
+    on_step(step, layer) is called after every step (for intermediate graphs).
+    """
+    if how_many_training_steps < 1:
+        raise ValueError(f"--how_many_training_steps must be at least 1, got {how_many_training_steps}")
+    if learning_rate <= 0:
+        raise ValueError(f"--learning_rate must be positive, got {learning_rate}")
+    if eval_step_interval < 1:
+        raise ValueError(f"--eval_step_interval must be at least 1, got {eval_step_interval}")
+    train_bottlenecks = np.ascontiguousarray(train_bottlenecks, dtype=np.float32)
+    validation_bottlenecks = np.ascontiguousarray(validation_bottlenecks, dtype=np.float32)
+    layer = FinalLayer(*init_final_layer(train_bottlenecks.shape[1], class_count, rng))
+    history: list[dict] = []
+
+    for step in range(how_many_training_steps):
+        batch = sample_batch(train_labels, train_batch_size, rng)  # (batch,) indices
+        x = distorted_bottlenecks(batch) if distorted_bottlenecks else train_bottlenecks[batch]  # (batch, D)
+        y = train_labels[batch]  # (batch,)
+        d_weights, d_biases, _ = gradients(x, y, layer.weights, layer.biases)
+        gradient_descent_step(layer.weights, layer.biases, d_weights, d_biases, learning_rate)
+        if on_step is not None:
+            on_step(step, layer)
+
+        is_last_step = step + 1 == how_many_training_steps
+        if step % eval_step_interval == 0 or is_last_step:
+            # retrain.py measures the batch just trained on, after the update.
+            logits = compute_logits(x, layer.weights, layer.biases)  # (batch, classes)
+            row = {
+                "step": step,
+                "train_accuracy": float((logits.argmax(axis=1) == y).mean()),
+                "cross_entropy": cross_entropy(logits, y),
+            }
+            log(f"Step {step}: Train accuracy = {row['train_accuracy'] * 100:.1f}%")
+            log(f"Step {step}: Cross entropy = {row['cross_entropy']:f}")
+            if len(validation_labels):
+                chosen = sample_batch(validation_labels, validation_batch_size, rng)
+                row["validation_accuracy"] = accuracy(layer, validation_bottlenecks[chosen], validation_labels[chosen])
+                row["validation_n"] = int(len(chosen))
+                log(f"Step {step}: Validation accuracy = {row['validation_accuracy'] * 100:.1f}% (N={len(chosen)})")
+            history.append(row)
+    return layer, history
