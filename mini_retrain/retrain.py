@@ -14,11 +14,12 @@ import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from mini_retrain.atomic_write import write_bytes_atomically
-from mini_retrain.backbone import load_backbone, run_backbone
+from mini_retrain.backbone import Backbone, load_backbone, run_backbone
 from mini_retrain.backbone_build import cache_dir
 from mini_retrain.bottlenecks import get_bottlenecks
 from mini_retrain.image_lists import find_images
@@ -73,38 +74,14 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
 
     _check_outputs_writable(settings)
 
-    # 1-2. Which images, which label, which split.
-    image_lists, warnings = find_images(settings.image_dir)
-    splits, split_warnings = split_image_lists(image_lists, settings.validation_percentage, settings.testing_percentage)
-    for warning in warnings + split_warnings:
-        log(warning)
-    labels = list(splits)  # class index order = sorted label order
-    log(f"Found {sum(len(v) for v in image_lists.values())} images in {len(labels)} classes: "
-        + ", ".join(f"{label} ({len(image_lists[label])})" for label in labels))
-
-    # 3. Bottlenecks, for every image in every split.
-    backbone = load_backbone(settings.backbone, settings.device)
-    entries = [(split, index, relative) for index, label in enumerate(labels)
-               for split in SPLITS for relative in splits[label][split]]
-    paths = [settings.image_dir / relative for _, _, relative in entries]
-    bottleneck_dir = settings.bottleneck_dir or cache_dir() / "bottlenecks"
-    result = get_bottlenecks(paths, backbone, bottleneck_dir, on_bad_image=settings.on_bad_image, log=log)
-    log(f"{len(result.kept)} bottlenecks ready ({result.computed} computed now, "
-        f"{len(result.kept) - result.computed} from the cache in {bottleneck_dir})")
-    kept_entries = [entries[i] for i in result.kept]
-    _report_duplicates(kept_entries, result.keys, labels, log)
-
-    def arrays(split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        rows = [r for r, (s, _, _) in enumerate(kept_entries) if s == split]
-        return (result.values[rows], np.array([kept_entries[r][1] for r in rows], dtype=np.int64),
-                [kept_entries[r][2] for r in rows])
-
-    train_x, train_y, train_files = arrays("training")
-    validation_x, validation_y, _ = arrays("validation")
-    test_x, test_y, test_files = arrays("testing")
-    missing = [labels[c] for c in range(len(labels)) if not np.any(train_y == c)]
-    if missing:
-        raise ValueError(f"{settings.image_dir}: class '{missing[0]}' has no usable training image; add images to it")
+    # 1-3. Images, their labels and splits, their bottlenecks.
+    dataset = load_dataset(settings.image_dir, settings.validation_percentage, settings.testing_percentage,
+                           backbone=load_backbone(settings.backbone, settings.device),
+                           bottleneck_dir=settings.bottleneck_dir, on_bad_image=settings.on_bad_image, log=log)
+    backbone, labels = dataset.backbone, dataset.labels
+    train_x, train_y, train_files = dataset.split("training")
+    validation_x, validation_y, _ = dataset.split("validation")
+    test_x, test_y, test_files = dataset.split("testing")
 
     # 4. Train.
     rng = np.random.default_rng(settings.random_seed)
@@ -157,6 +134,58 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
                        settings.explain_misclassified, log=log)
     log(f"Wrote {settings.output_graph}, {settings.output_labels}, {weights_path} and {metrics_path}")
     return evaluation
+
+
+class Dataset(NamedTuple):
+    """Every usable image of an image_dir with its label, split and bottleneck (one row each)."""
+
+    image_dir: Path
+    labels: list[str]  # class index -> label, sorted
+    files: list[str]  # (n,) paths relative to image_dir
+    splits: np.ndarray  # (n,) "training" / "validation" / "testing"
+    class_indices: np.ndarray  # (n,) int64
+    bottlenecks: np.ndarray  # (n, D) float32
+    keys: list[str]  # (n,) SHA-1 of each file: equal keys are identical files
+    backbone: Backbone
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """(bottlenecks, class indices, relative files) of one split."""
+        rows = np.flatnonzero(self.splits == name)
+        return self.bottlenecks[rows], self.class_indices[rows], [self.files[r] for r in rows]
+
+
+def load_dataset(image_dir: Path, validation_percentage: float, testing_percentage: float, backbone: Backbone,
+                 bottleneck_dir: Path | None = None, on_bad_image: str = "skip",
+                 log: Callable[[str], None] = print) -> Dataset:
+    """Steps 1-3: find the images, split them, get their bottlenecks (cached); report duplicates."""
+    image_dir = Path(image_dir)
+    image_lists, warnings = find_images(image_dir)
+    splits, split_warnings = split_image_lists(image_lists, validation_percentage, testing_percentage)
+    for warning in warnings + split_warnings:
+        log(warning)
+    labels = list(splits)  # class index order = sorted label order
+    log(f"Found {sum(len(v) for v in image_lists.values())} images in {len(labels)} classes: "
+        + ", ".join(f"{label} ({len(image_lists[label])})" for label in labels))
+
+    entries = [(split, index, relative) for index, label in enumerate(labels)
+               for split in SPLITS for relative in splits[label][split]]
+    bottleneck_dir = bottleneck_dir or cache_dir() / "bottlenecks"
+    result = get_bottlenecks([image_dir / relative for _, _, relative in entries], backbone, bottleneck_dir,
+                             on_bad_image=on_bad_image, log=log)
+    log(f"{len(result.kept)} bottlenecks ready ({result.computed} computed now, "
+        f"{len(result.kept) - result.computed} from the cache in {bottleneck_dir})")
+    if result.bad:
+        log(f"{len(result.bad)} image(s) skipped:")
+        for path, reason in result.bad:
+            log(f"  {path}: {reason}")
+    kept = [entries[i] for i in result.kept]
+    _report_duplicates(kept, result.keys, labels, log)
+    dataset = Dataset(image_dir, labels, [relative for _, _, relative in kept], np.array([s for s, _, _ in kept]),
+                      np.array([c for _, c, _ in kept], dtype=np.int64), result.values, result.keys, backbone)
+    for index, label in enumerate(labels):
+        if not np.any((dataset.class_indices == index) & (dataset.splits == "training")):
+            raise ValueError(f"{image_dir}: class '{label}' has no usable training image; add readable images to it")
+    return dataset
 
 
 def _check_outputs_writable(settings: RetrainSettings) -> None:
