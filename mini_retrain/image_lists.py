@@ -6,7 +6,8 @@
 
 Labels are the folder names as retrain.py writes them: lower case, every run of characters other than a-z and 0-9
 turned into one space ("Pleural_Effusion" -> "pleural effusion"). Images are found by extension (.jpg, .jpeg, .png,
-.dcm, in any case), each file once even on a case-insensitive file system; hidden files (".DS_Store", "._x.jpg") are
+.dcm, in any case) in ONE listing of each folder, so a file is never counted twice (retrain.py globbed "*.jpg" and
+"*.JPG" separately, which found every file twice on a case-insensitive file system); hidden files (".DS_Store", "._x.jpg") are
 ignored. Paths are kept relative to image_dir, with "/" separators, so the split does not depend on where the folder
 lives.
 """
@@ -37,7 +38,8 @@ def find_images(image_dir: str | Path) -> tuple[dict[str, list[str]], list[str]]
         raise ValueError(f"{image_dir}: image_dir does not exist; pass --image_dir FOLDER with one subfolder per class")
     if not image_dir.is_dir():
         raise ValueError(f"{image_dir}: image_dir is not a folder; pass the folder that holds one subfolder per class")
-    class_folders = sorted(p for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_folders = sorted((p for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                           key=lambda p: (label_for_folder(p.name), p.name))  # class index order = label order
     if not class_folders:
         raise ValueError(f"{image_dir}: no class subfolders; put each class's images in its own subfolder, e.g. normal/ and abnormal/")
 
@@ -70,7 +72,7 @@ def find_images(image_dir: str | Path) -> tuple[dict[str, list[str]], list[str]]
 
 def _image_files(folder: Path, image_dir: Path) -> list[str]:
     """Image files under folder (recursively), relative to image_dir, each real file once, sorted."""
-    found: dict[str, str] = {}
+    found: list[str] = []
     seen_files: set[tuple[int, int]] = set()
     for root, dirs, names in os.walk(folder, followlinks=False):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
@@ -87,6 +89,5 @@ def _image_files(folder: Path, image_dir: Path) -> list[str]:
                 continue  # the same file reached twice (case-insensitive file system, hard link)
             if identity is not None:
                 seen_files.add(identity)
-            relative = path.relative_to(image_dir).as_posix()
-            found.setdefault(relative.lower(), relative)
-    return sorted(found.values())
+            found.append(path.relative_to(image_dir).as_posix())
+    return sorted(found)

@@ -4,7 +4,8 @@ retrain.py builds each training batch one sample at a time:
 
     for _ in range(batch_size):
         label = random.randrange(class_count)          # a class, uniformly
-        image = random.randrange(MAX + 1) % len(images_of[label])   # an image of it, uniformly
+        image = random.randrange(MAX + 1) % len(images_of[label])   # an image of it (uniform up to
+                                                                     # a negligible modulo bias)
 
 so every class is drawn equally often however many images it has (1000 "normal" vs 10 "tuberculosis"
 still gives ~50% / ~50%), and images are drawn with replacement. A batch_size of -1 means "use every
@@ -38,16 +39,17 @@ def sample_batch(labels: np.ndarray, batch_size: int, rng: np.random.Generator) 
     if batch_size < 0:
         return np.arange(labels.size)
 
-    # Group candidates by class: order[start[k] : start[k] + count[k]] are the candidates of classes[k].
-    order = np.argsort(labels, kind="stable")                  # (n,)
+    # Group candidates by class: order[start[k] : start[k] + count[k]] are the candidates of the k-th class.
+    order = np.argsort(labels, kind="stable")                   # (n,) stable: same result on every machine
     sorted_labels = labels[order]                               # (n,)
-    is_first = np.empty(labels.size, dtype=bool)                # True where a new class begins
-    is_first[0] = True
-    np.not_equal(sorted_labels[1:], sorted_labels[:-1], out=is_first[1:])
-    start = np.flatnonzero(is_first)                            # (n_classes,)
-    count = np.diff(start, append=labels.size)                  # (n_classes,)
+    is_boundary = np.ones(labels.size + 1, dtype=bool)          # (n + 1,) True where a class begins, and at n
+    np.not_equal(sorted_labels[1:], sorted_labels[:-1], out=is_boundary[1:-1])
+    boundaries = np.flatnonzero(is_boundary)                    # (n_classes + 1,)
+    start = boundaries[:-1]                                     # (n_classes,)
+    count = boundaries[1:] - boundaries[:-1]                    # (n_classes,) >= 1
 
-    # One call to the generator for both choices; u < 1 so floor(u * k) is in [0, k - 1].
+    # One call to the generator for both choices. u < 1, so floor(u * k) is in [0, k - 1] (float64
+    # rounding cannot reach k for any k < 2**53).
     u = rng.random((2, int(batch_size)))                        # (2, batch)
     drawn_class = (u[0] * start.size).astype(np.intp)           # (batch,) position in the present classes
     offset_in_class = (u[1] * count[drawn_class]).astype(np.intp)  # (batch,) which image of that class

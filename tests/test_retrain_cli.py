@@ -1,0 +1,196 @@
+"""retrain -> label -> explain, end to end through the CLI, on the real demo X-rays and the real Inception v3."""
+
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mini_retrain.cli import main
+from tests.conftest import DEMO_DATA
+
+XRAYS = DEMO_DATA / "pneumonia-demo"
+CAT = DEMO_DATA / "photos" / "chelsea.png"
+
+
+def copy_demo(target):
+    for source in XRAYS.glob("*/*.jpeg"):
+        destination = target / source.parent.name / source.name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, destination)
+    return target
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, real_backbone_path):
+    """One retrain run on the 16 demo X-rays, shared by the tests below; returns (folder, stdout lines)."""
+    folder = tmp_path_factory.mktemp("retrained")
+    image_dir = copy_demo(folder / "images")
+    capture = []
+    import contextlib
+    import io
+
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        code = main([
+            "retrain", "--image_dir", str(image_dir), "--backbone", str(real_backbone_path),
+            "--bottleneck_dir", str(folder / "bottlenecks"), "--output_graph", str(folder / "graph.onnx"),
+            "--output_labels", str(folder / "labels.txt"), "--summaries_dir", str(folder / "summaries"),
+            "--how_many_training_steps", "60", "--eval_step_interval", "20", "--train_batch_size", "16",
+            "--testing_percentage", "25", "--validation_percentage", "25", "--validation_batch_size", "-1",
+            "--print_misclassified_test_images", "--device", "cpu",
+        ])
+    assert code == 0
+    capture.extend(stdout.getvalue().splitlines())
+    return folder, capture
+
+
+def test_retrain_prints_retrain_py_lines(trained):
+    _, lines = trained
+    text = "\n".join(lines)
+    for step in (0, 20, 40, 59):
+        assert re.search(rf"^Step {step}: Train accuracy = \d+\.\d%$", text, re.M)
+        assert re.search(rf"^Step {step}: Cross entropy = \d+\.\d+$", text, re.M)
+        assert re.search(rf"^Step {step}: Validation accuracy = \d+\.\d% \(N=\d+\)$", text, re.M)
+    assert re.search(r"^Final test accuracy = \d+\.\d% \(N=\d+, 95% CI \d+\.\d-\d+\.\d%\)$", text, re.M)
+    assert "=== MISCLASSIFIED TEST IMAGES ===" in text
+    assert "Found 16 images in 2 classes: normal (8), pneumonia (8)" in text
+
+
+def test_retrain_writes_graph_labels_weights_metrics_and_summaries(trained):
+    folder, _ = trained
+    assert (folder / "labels.txt").read_text().splitlines() == ["normal", "pneumonia"]
+    with np.load(folder / "graph.final_layer.npz", allow_pickle=False) as layer:
+        assert layer["weights"].shape == (2048, 2) and layer["biases"].shape == (2,)
+        assert list(layer["labels"]) == ["normal", "pneumonia"]
+    metrics = json.loads((folder / "graph.metrics.json").read_text())
+    assert metrics["n"] >= 1 and 0 <= metrics["accuracy"]["estimate"] <= 1
+    assert [row["step"] for row in metrics["history"]] == [0, 20, 40, 59]
+    csv = (folder / "summaries" / "metrics.csv").read_text().splitlines()
+    assert csv[0].startswith("step,train_accuracy,cross_entropy") and len(csv) == 5
+    assert len((folder / "summaries" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_exported_graph_is_backbone_plus_softmax_layer(trained, real_backbone):
+    """final_result = softmax(pool_3 @ W + b) with the weights of the .npz, computed here in NumPy."""
+    import onnxruntime
+
+    from mini_retrain.backbone import run_backbone
+    from mini_retrain.images import load_backbone_input
+
+    folder, _ = trained
+    layer = np.load(folder / "graph.final_layer.npz", allow_pickle=False)
+    session = onnxruntime.InferenceSession(str(folder / "graph.onnx"), providers=["CPUExecutionProvider"])
+    x = np.stack([load_backbone_input(CAT), load_backbone_input(next(XRAYS.glob("normal/*.jpeg")))])
+    probabilities, pool_3 = session.run(["final_result", "pool_3"], {"images": x})
+    np.testing.assert_allclose(pool_3, run_backbone(real_backbone, x), atol=1e-4)
+    logits = pool_3 @ layer["weights"] + layer["biases"]
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+
+
+def test_label_prints_scores_highest_first(trained, capsys):
+    folder, _ = trained
+    xray = next(XRAYS.glob("pneumonia/*.jpeg"))
+    assert main(["label", "--graph", str(folder / "graph.onnx"), "--labels", str(folder / "labels.txt"),
+                 "--image", str(xray), "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(xray)
+    scores = [float(re.fullmatch(r"(normal|pneumonia) \(score = (\d\.\d{5})\)", line).group(2)) for line in lines[1:3]]
+    assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-4
+
+
+def test_label_json_and_folder_input(trained, capsys):
+    folder, _ = trained
+    assert main(["label", "--graph", str(folder / "graph.onnx"), "--image", str(XRAYS / "normal"), str(CAT),
+                 "--json", "--num_top_predictions", "1", "--device", "cpu"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 9 and all(len(r["predictions"]) == 1 for r in results)
+    assert all(isinstance(r["out_of_distribution"], bool) for r in results)
+
+
+def test_label_refuses_labels_file_that_does_not_match(trained, tmp_path, capsys):
+    folder, _ = trained
+    wrong = tmp_path / "labels.txt"
+    wrong.write_text("cat\ndog\n")
+    assert main(["label", "--graph", str(folder / "graph.onnx"), "--labels", str(wrong), "--image", str(CAT)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and "labels.txt" in error and "do not match" in error
+
+
+def test_label_refuses_a_graph_that_is_not_ours(real_backbone_path, capsys):
+    assert main(["label", "--graph", str(real_backbone_path), "--image", str(CAT)]) == 2
+    assert "not a graph written by" in capsys.readouterr().err
+
+
+def test_explain_heat_map_mean_equals_logit_minus_bias(trained, tmp_path, capsys):
+    from mini_retrain.cam import explain_image, final_weights
+    from mini_retrain.label import load_retrained
+
+    folder, _ = trained
+    model = load_retrained(folder / "graph.onnx", folder / "labels.txt", "cpu")
+    weights, biases = final_weights(folder / "graph.onnx")
+    xray = next(XRAYS.glob("pneumonia/*.jpeg"))
+    for class_index in (0, 1):
+        result = explain_image(model, weights, biases, xray, tmp_path / f"heat{class_index}.png", class_index)
+        assert result["cam_mean"] == pytest.approx(result["logit"] - result["bias"], rel=1e-4, abs=1e-4)
+    heat, original = Image.open(tmp_path / "heat0.png"), Image.open(xray)
+    assert heat.mode == "RGB" and max(heat.size) == min(1024, max(original.size))  # shrunk to at most 1024 px
+    assert heat.size[0] / heat.size[1] == pytest.approx(original.size[0] / original.size[1], rel=0.01)
+    # Through the CLI as well.
+    output = tmp_path / "cli.png"
+    assert main(["explain", "--graph", str(folder / "graph.onnx"), "--image", str(xray), "--output", str(output),
+                 "--device", "cpu"]) == 0
+    assert output.is_file() and "logit - bias" in capsys.readouterr().out
+
+
+def test_second_run_uses_the_cache(trained, real_backbone_path, capsys):
+    folder, _ = trained
+    assert main(["retrain", "--image_dir", str(folder / "images"), "--backbone", str(real_backbone_path),
+                 "--bottleneck_dir", str(folder / "bottlenecks"), "--output_graph", str(folder / "again.onnx"),
+                 "--output_labels", str(folder / "again.txt"), "--how_many_training_steps", "5",
+                 "--testing_percentage", "25", "--validation_percentage", "25", "--device", "cpu"]) == 0
+    assert "16 bottlenecks ready (0 computed now, 16 from the cache" in capsys.readouterr().out
+
+
+def test_broken_image_is_skipped_with_its_name(trained, real_backbone_path, tmp_path, capsys):
+    folder, _ = trained
+    image_dir = copy_demo(tmp_path / "images")
+    broken = image_dir / "normal" / "broken.jpeg"
+    broken.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    assert main(["retrain", "--image_dir", str(image_dir), "--backbone", str(real_backbone_path),
+                 "--bottleneck_dir", str(folder / "bottlenecks"), "--output_graph", str(tmp_path / "g.onnx"),
+                 "--output_labels", str(tmp_path / "l.txt"), "--how_many_training_steps", "5",
+                 "--testing_percentage", "25", "--validation_percentage", "25", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"Skipping {broken}" in out and "1 image(s) skipped" in out
+    assert main(["retrain", "--image_dir", str(image_dir), "--backbone", str(real_backbone_path),
+                 "--bottleneck_dir", str(folder / "bottlenecks"), "--output_graph", str(tmp_path / "g.onnx"),
+                 "--output_labels", str(tmp_path / "l.txt"), "--on_bad_image", "error", "--device", "cpu"]) == 2
+    assert "broken.jpeg" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({"normal": 3, "empty": 0}, "no images"),
+    ({"normal": 3}, "only one class"),
+])
+def test_structure_errors_exit_2_with_one_line(tmp_path, capsys, layout, message):
+    for label, count in layout.items():
+        (tmp_path / label).mkdir()
+        for source in list(XRAYS.glob("normal/*.jpeg"))[:count]:
+            shutil.copyfile(source, tmp_path / label / source.name)
+    assert main(["retrain", "--image_dir", str(tmp_path), "--output_graph", str(tmp_path / "g.onnx")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1 and message in error
+
+
+def test_help_of_every_subcommand_shows_defaults(capsys):
+    for command in ("retrain", "label", "demo", "backbone", "explain"):
+        with pytest.raises(SystemExit) as exit_code:
+            main([command, "--help"])
+        assert exit_code.value.code == 0
+    out = capsys.readouterr().out
+    assert "(default: 4000)" in out and "(default: 0.01)" in out and "(default: final_result)" in out
