@@ -149,6 +149,9 @@ def _add_retrain_parser(commands) -> None:
     p.add_argument("--positive_label", default=None,
                    help="the class counted as positive for sensitivity/specificity/ROC "
                    "(default: abnormal/tb/pneumonia/... when present)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="write learning curves, ROC, confusion matrix and reliability plots with an index.html here "
+                   "(plots need mini_retrain[report], i.e. matplotlib)")
     p.add_argument("--explain_misclassified", type=Path, default=None,
                    help="write a class activation heat map for each misclassified test image into this folder")
     _add_backbone_flags(p)
@@ -182,6 +185,106 @@ def _add_demo_parser(commands) -> None:
     p.set_defaults(run=_demo)
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from mini_retrain.prepare import prepare
+
+    prepare(args.nlm, args.output, holdout=args.holdout, holdout_dir=args.holdout_dir, copy=args.copy,
+            random_seed=args.random_seed)
+    return 0
+
+
+def _add_prepare_parser(commands) -> None:
+    p = commands.add_parser(
+        "prepare", help="turn the NLM Shenzhen/Montgomery downloads into normal/ and abnormal/ folders",
+        description="Link every NLM chest X-ray (CHNCXR_####_0.png = normal, _1 = abnormal; MCUCXR_ likewise) "
+        "into OUTPUT/normal and OUTPUT/abnormal under its own name, leaving out lung masks and clinical readings.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--nlm", type=Path, nargs="+", required=True,
+                   help="unzipped NLM folders, e.g. ChinaSet_AllFiles MontgomerySet (searched recursively)")
+    p.add_argument("--output", type=Path, default=Path("lungs"), help="folder that receives normal/ and abnormal/")
+    p.add_argument("--holdout", type=int, default=0,
+                   help="images per class set aside for `mini_retrain label`, never trained on")
+    p.add_argument("--holdout_dir", type=Path, default=None,
+                   help="where the held-out images go; None means <output>_holdout")
+    p.add_argument("--copy", action="store_true",
+                   help="copy the files; without it each is a hard link, else a symbolic link, else a copy")
+    p.add_argument("--random_seed", type=int, default=0, help="seed for choosing the held-out images")
+    p.set_defaults(run=_prepare)
+
+
+def _crossval(args: argparse.Namespace) -> int:
+    from mini_retrain.crossval import crossval
+    from mini_retrain.retrain import RetrainSettings
+
+    fields = {f for f in RetrainSettings.__dataclass_fields__}
+    crossval(RetrainSettings(**{k: v for k, v in vars(args).items() if k in fields}), args.folds, args.output_json)
+    return 0
+
+
+def _add_crossval_parser(commands) -> None:
+    p = commands.add_parser(
+        "crossval", help="K-fold cross-validated accuracy of the final layer, using every image",
+        description="Stratified K-fold cross-validation on the cached bottlenecks of every image in --image_dir "
+        "(the hash split is ignored; _nohash_ groups stay in one fold): per-fold and pooled metrics.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--image_dir", type=Path, required=True, help="folder with one subfolder of images per class")
+    p.add_argument("--folds", type=int, default=5, help="number of folds K (each image is held out once)")
+    p.add_argument("--how_many_training_steps", type=int, default=4000, help="training steps per fold")
+    p.add_argument("--learning_rate", type=float, default=0.01, help="gradient descent learning rate")
+    p.add_argument("--train_batch_size", type=int, default=100, help="images per training step")
+    p.add_argument("--bottleneck_dir", type=Path, default=None,
+                   help="bottleneck cache folder (default: ~/.cache/mini_retrain/bottlenecks; keyed by image content)")
+    p.add_argument("--random_seed", type=int, default=0, help="seed for the folds, initial weights and batches")
+    p.add_argument("--on_bad_image", choices=("skip", "error"), default="skip",
+                   help="an unreadable image: skip it with a message, or stop")
+    p.add_argument("--positive_label", default=None,
+                   help="the class counted as positive for sensitivity/specificity/ROC "
+                   "(default: abnormal/tb/pneumonia/... when present)")
+    p.add_argument("--output_json", type=Path, default=Path("crossval.json"),
+                   help="where to write per-fold and pooled metrics and every out-of-fold prediction")
+    _add_backbone_flags(p)
+    p.set_defaults(run=_crossval)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from mini_retrain.retrain import RetrainSettings
+    from mini_retrain.sweep import parse_grid, sweep
+
+    fields = {f for f in RetrainSettings.__dataclass_fields__}
+    grid = parse_grid(args.learning_rates, args.training_steps, args.class_balancing)
+    sweep(RetrainSettings(**{k: v for k, v in vars(args).items() if k in fields}), *grid, args.output_json)
+    return 0
+
+
+def _add_sweep_parser(commands) -> None:
+    p = commands.add_parser(
+        "sweep", help="try a grid of learning rates, step counts and class balancing; choose on validation",
+        description="Train the final layer for every setting of the grid on the training split, choose the one "
+        "with the best validation accuracy (ties: lower validation cross-entropy), then test it once.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--image_dir", type=Path, required=True, help="folder with one subfolder of images per class")
+    p.add_argument("--learning_rates", default="0.001,0.01,0.1", help="comma-separated learning rates")
+    p.add_argument("--training_steps", default="500,4000", help="comma-separated numbers of training steps")
+    p.add_argument("--class_balancing", default="off,on",
+                   help="on = a class uniformly, then an image (retrain.py); off = every image equally likely")
+    p.add_argument("--train_batch_size", type=int, default=100, help="images per training step")
+    p.add_argument("--testing_percentage", type=float, default=10.0, help="percentage of images used as a test set")
+    p.add_argument("--validation_percentage", type=float, default=10.0,
+                   help="percentage of images used as a validation set (the settings are chosen on it)")
+    p.add_argument("--bottleneck_dir", type=Path, default=None,
+                   help="bottleneck cache folder (default: ~/.cache/mini_retrain/bottlenecks; keyed by image content)")
+    p.add_argument("--random_seed", type=int, default=0, help="seed for initial weights and batch sampling")
+    p.add_argument("--on_bad_image", choices=("skip", "error"), default="skip",
+                   help="an unreadable image: skip it with a message, or stop")
+    p.add_argument("--positive_label", default=None,
+                   help="the class counted as positive for sensitivity/specificity/ROC "
+                   "(default: abnormal/tb/pneumonia/... when present)")
+    p.add_argument("--output_json", type=Path, default=Path("sweep.json"),
+                   help="where to write every setting's validation results and the winner's test metrics")
+    _add_backbone_flags(p)
+    p.set_defaults(run=_sweep)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mini_retrain",
@@ -209,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_retrain_parser(commands)
     _add_label_parser(commands)
     _add_explain_parser(commands)
+    _add_prepare_parser(commands)
+    _add_crossval_parser(commands)
+    _add_sweep_parser(commands)
     return parser
 
 

@@ -59,6 +59,7 @@ class RetrainSettings:
     on_bad_image: str = "skip"
     positive_label: str | None = None
     explain_misclassified: Path | None = None
+    report: Path | None = None
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -127,6 +128,10 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
     _write_text(metrics_path, json.dumps(evaluation, indent=2) + "\n")
     if settings.summaries_dir is not None:
         _write_summaries(settings.summaries_dir, history)
+    if settings.report is not None:
+        from mini_retrain.report import write_report
+
+        log(f"Wrote report {write_report(settings.report, history, evaluation, labels)}")
     if settings.explain_misclassified is not None and misclassified:
         from mini_retrain.cam import explain_images
 
