@@ -33,9 +33,8 @@ from mini_retrain.atomic_write import write_bytes_atomically
 from mini_retrain.metrics import evaluate, format_evaluation, wilson_interval
 from mini_retrain.retrain import Dataset, RetrainSettings, load_dataset
 from mini_retrain.sampling import sample_batch
-from mini_retrain.softmax_layer import (compute_logits, cross_entropy, gradient_descent_step, gradients,
-                                        init_final_layer, softmax)
-from mini_retrain.train import FinalLayer
+from mini_retrain.softmax_layer import compute_logits, cross_entropy, softmax
+from mini_retrain.train import FinalLayer, train_final_layer
 
 Sampler = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]  # (labels, batch_size, rng) -> indices
 
@@ -65,14 +64,11 @@ def train_layer(bottlenecks: np.ndarray, labels: np.ndarray, class_count: int, r
     descent step on the batch's mean cross-entropy. With sample=sample_batch and the same rng this is exactly
     train.train_final_layer (the same random numbers are drawn in the same order).
     """
-    if how_many_training_steps < 1:
-        raise ValueError(f"--training_steps must be at least 1, got {how_many_training_steps}")
-    bottlenecks = np.ascontiguousarray(bottlenecks, dtype=np.float32)  # (n, D)
-    layer = FinalLayer(*init_final_layer(bottlenecks.shape[1], class_count, rng))
-    for _ in range(how_many_training_steps):
-        batch = sample(labels, train_batch_size, rng)  # (batch,)
-        d_weights, d_biases, _ = gradients(bottlenecks[batch], labels[batch], layer.weights, layer.biases)
-        gradient_descent_step(layer.weights, layer.biases, d_weights, d_biases, learning_rate)
+    no_validation = np.zeros((0, bottlenecks.shape[1]), np.float32), np.zeros(0, np.int64)
+    layer, _ = train_final_layer(bottlenecks, labels, *no_validation, class_count, rng,
+                                 how_many_training_steps=how_many_training_steps, learning_rate=learning_rate,
+                                 train_batch_size=train_batch_size, eval_step_interval=how_many_training_steps,
+                                 log=lambda line: None, sample=sample)
     return layer
 
 

@@ -51,12 +51,14 @@ def train_final_layer(
     log: Callable[[str], None] = print,
     distorted_bottlenecks: Callable[[np.ndarray], np.ndarray] | None = None,
     on_step: Callable[[int, FinalLayer], None] | None = None,
+    sample: Callable[[np.ndarray, int, np.random.Generator], np.ndarray] = sample_batch,
 ) -> tuple[FinalLayer, list[dict]]:
     """Train the final layer; return it and the per-evaluation history (dicts, one per logged step).
 
     train_bottlenecks (n, D) float32 with train_labels (n,) int; validation likewise (may be empty).
     distorted_bottlenecks(indices) -> (batch, D), when given, supplies the training batch instead of the cache.
     on_step(step, layer) is called after every step (for intermediate graphs).
+    sample(labels, batch_size, rng) picks each training batch: retrain.py's class-first sample_batch by default.
     """
     if how_many_training_steps < 1:
         raise ValueError(f"--how_many_training_steps must be at least 1, got {how_many_training_steps}")
@@ -70,7 +72,7 @@ def train_final_layer(
     history: list[dict] = []
 
     for step in range(how_many_training_steps):
-        batch = sample_batch(train_labels, train_batch_size, rng)  # (batch,) indices
+        batch = sample(train_labels, train_batch_size, rng)  # (batch,) indices
         x = distorted_bottlenecks(batch) if distorted_bottlenecks else train_bottlenecks[batch]  # (batch, D)
         y = train_labels[batch]  # (batch,)
         d_weights, d_biases, _ = gradients(x, y, layer.weights, layer.biases)
