@@ -5,7 +5,7 @@ it. We do the same with ONNX. To the backbone graph we add:
 
     final_logits  = pool_3 @ final_weights + final_biases          # (N, 2048) @ (2048, C) + (C,)
     final_result  = softmax(final_logits)                          # the name is --final_tensor_name
-    ood_distance  = min_c sqrt((pool_3 - mu_c)^T P (pool_3 - mu_c))  # when an OOD model is given (see ood.py)
+    ood_distance  = min_c sqrt((r - mu_c)^T P (r - mu_c)),  r = sign(pool_3) sqrt(|pool_3|)   # with an OOD model (ood.py)
 
 The outputs `pool_3` and `mixed_10` stay, for the OOD check and for class activation maps. The class labels, the
 OOD threshold and provenance go in the model's metadata, so `label` can check that a labels file belongs to the graph.
@@ -83,7 +83,7 @@ def build_retrained_model(
 
 
 def _append_ood_distance(graph, bottleneck: str, ood: Any) -> None:
-    """ood_distance (N,): Mahalanobis distance of pool_3 to the nearest class mean, as ood.mahalanobis_distance."""
+    """ood_distance (N,): ood.mahalanobis_distance written as graph nodes, so any ONNX runtime gets the warning."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph.initializer.extend([
@@ -93,7 +93,12 @@ def _append_ood_distance(graph, bottleneck: str, ood: Any) -> None:
         numpy_helper.from_array(np.array([2], np.int64), "ood_axis_2"),
     ])
     graph.node.extend([
-        helper.make_node("Unsqueeze", [bottleneck, "ood_axis_1"], ["ood_x"]),  # (N, 1, D)
+        # r(x) = sign(x) sqrt(|x|), ood.power_normalise
+        helper.make_node("Abs", [bottleneck], ["ood_abs"]),
+        helper.make_node("Sqrt", ["ood_abs"], ["ood_sqrt"]),
+        helper.make_node("Sign", [bottleneck], ["ood_sign"]),
+        helper.make_node("Mul", ["ood_sign", "ood_sqrt"], ["ood_r"]),  # (N, D)
+        helper.make_node("Unsqueeze", ["ood_r", "ood_axis_1"], ["ood_x"]),  # (N, 1, D)
         helper.make_node("Sub", ["ood_x", "ood_means"], ["ood_diff"]),  # (N, C, D)
         helper.make_node("MatMul", ["ood_diff", "ood_precision"], ["ood_weighted"]),  # (N, C, D)
         helper.make_node("Mul", ["ood_diff", "ood_weighted"], ["ood_terms"]),

@@ -53,8 +53,11 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     z2_n = z * z / n
     centre = (p + z2_n / 2.0) / (1.0 + z2_n)
     halfwidth = z / (1.0 + z2_n) * math.sqrt(p * (1.0 - p) / n + z2_n / (4.0 * n))
-    # At 0/n and n/n the exact bound is 0 or 1; clip the last-bit rounding error.
-    return (max(0.0, centre - halfwidth), min(1.0, centre + halfwidth))
+    # At 0/n the lower bound is exactly 0 (and at n/n the upper exactly 1): the two terms cancel
+    # algebraically, so write the exact value rather than a last-bit rounding error.
+    low = 0.0 if successes == 0 else centre - halfwidth
+    high = 1.0 if successes == n else centre + halfwidth
+    return (low, high)
 
 
 def _check_labels(name: str, values: np.ndarray, class_count: int) -> np.ndarray:
@@ -288,6 +291,8 @@ def evaluate(
       sensitivity (recall of the positive class), specificity (recall of the negative class),
       roc_auc {estimate, ci} and roc_curve {fpr, tpr, thresholds} on the positive-class probability.
     Rates are records {estimate, successes, n, ci: [low, high]} with Wilson intervals.
+    positive_label must name a class; it only matters for two classes (default:
+    default_positive_label(class_names)).
     """
     probabilities, labels = _check_probabilities(probabilities, labels)
     class_names = [str(name) for name in class_names]

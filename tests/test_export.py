@@ -1,0 +1,56 @@
+"""The exported graph: backbone + final layer + softmax + OOD distance, checked against NumPy on a tiny backbone."""
+
+import numpy as np
+import onnxruntime
+import pytest
+
+from mini_retrain.backbone import load_backbone, run_backbone
+from mini_retrain.export import build_retrained_model, write_labels, write_retrained_graph
+from mini_retrain.label import load_retrained
+from mini_retrain.ood import fit_ood_model, mahalanobis_distance
+from mini_retrain.softmax_layer import compute_logits, softmax
+
+
+@pytest.fixture
+def exported(tiny_backbone, tmp_path):
+    backbone = load_backbone(tiny_backbone, device="cpu", verbose=False)
+    rng = np.random.default_rng(3)
+    images = rng.uniform(-1, 1, size=(12, 3, 299, 299)).astype(np.float32)
+    bottlenecks = run_backbone(backbone, images)  # (12, 4)
+    labels = np.arange(12) % 3
+    weights, biases = rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32)
+    ood = fit_ood_model(bottlenecks, labels, 3)
+    model = build_retrained_model(backbone, weights, biases, ["a", "b", "c"], "final_result", ood)
+    path = write_retrained_graph(tmp_path / "g.onnx", model)
+    return path, images, bottlenecks, weights, biases, ood
+
+
+def test_graph_outputs_equal_numpy(exported):
+    path, images, bottlenecks, weights, biases, ood = exported
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    probabilities, logits, distance = session.run(["final_result", "final_logits", "ood_distance"], {"images": images})
+    np.testing.assert_allclose(logits, compute_logits(bottlenecks, weights, biases), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(probabilities, softmax(compute_logits(bottlenecks, weights, biases)), atol=1e-6)
+    np.testing.assert_allclose(distance, mahalanobis_distance(ood, bottlenecks), rtol=1e-3, atol=1e-3)
+
+
+def test_labels_and_threshold_travel_in_the_metadata(exported, tmp_path):
+    path, *_, ood = exported
+    labels_file = write_labels(tmp_path / "labels.txt", ["a", "b", "c"])
+    model = load_retrained(path, labels_file, "cpu")
+    assert model.labels == ["a", "b", "c"]
+    assert float(model.metadata["ood_threshold"]) == pytest.approx(ood.threshold)
+
+
+def test_final_tensor_name_must_not_clash(tiny_backbone):
+    backbone = load_backbone(tiny_backbone, device="cpu", verbose=False)
+    with pytest.raises(ValueError, match="already a name"):
+        build_retrained_model(backbone, np.zeros((4, 2)), np.zeros(2), ["a", "b"], final_tensor_name="pool_3")
+
+
+def test_output_graph_must_be_onnx(exported, tmp_path):
+    path, *_ = exported
+    import onnx
+
+    with pytest.raises(ValueError, match=r"\.onnx"):
+        write_retrained_graph(tmp_path / "g.pb", onnx.load(str(path)))
