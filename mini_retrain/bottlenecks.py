@@ -22,10 +22,10 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import sys
 import time
 import uuid
-import zipfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -66,9 +66,17 @@ def load_store(folder: Path, log: Callable[[str], None] = print) -> tuple[dict[s
                 keys, values = arrays["keys"], arrays["bottlenecks"]
             if values.ndim != 2 or len(keys) != len(values) or not np.isfinite(values).all():
                 raise ValueError("inconsistent arrays")
-        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as error:
-            log(f"WARNING: bottleneck cache file {shard} is damaged ({error}); its images will be recomputed")
-            os.replace(shard, shard.with_suffix(".corrupt"))
+        except FileNotFoundError:
+            continue  # another run sharing this cache merged it away meanwhile; its rows are in the merged shard
+        except Exception as error:
+            # A damaged zip raises many types (BadZipFile; NotImplementedError for a garbled compression method;
+            # RuntimeError for a garbled "encrypted" flag; ...). All mean the same: do not trust this file.
+            reason = " ".join(str(error).split()) or type(error).__name__
+            log(f"WARNING: bottleneck cache file {shard} is damaged ({reason}); its images will be recomputed")
+            try:
+                os.replace(shard, shard.with_suffix(".corrupt"))  # kept for a look, never read again
+            except OSError:
+                pass  # a read-only cache: the shard is skipped again next time
             continue
         for offset, key in enumerate(keys.tolist()):
             index.setdefault(key, rows + offset)
@@ -100,18 +108,33 @@ def compact_store(folder: Path) -> None:
             shard.unlink(missing_ok=True)
 
 
+def _content_key(path: Path) -> str:
+    """The cache key: SHA-1 of the file's bytes. Only regular files are read: a pipe named like an image would block
+    the hash forever, and a link to a device such as /dev/zero would never end."""
+    try:
+        regular = stat.S_ISREG(os.stat(path).st_mode)
+    except OSError:
+        regular = True  # missing, broken link, no permission: file_sha1 names the problem
+    if not regular:
+        raise BadImageError(path, "not a regular file", "pass an image file")
+    return file_sha1(path)
+
+
 def _batches(items: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-def _progress(done: int, total: int, started: float, stream=sys.stderr) -> None:
-    rate = done / max(time.perf_counter() - started, 1e-9)
-    remaining = (total - done) / rate if rate > 0 else float("inf")
-    line = f"Creating bottlenecks: {done}/{total} ({rate:.1f} images/s, about {remaining:.0f} s left)"
+def _progress(done: int, total: int, started: float, stream=None) -> None:
+    """0/total first, then a line per finished batch (already cached when printed); on a terminal, one line redrawn."""
+    stream = stream or sys.stderr  # looked up now, so a redirected sys.stderr receives it
+    line = f"Creating bottlenecks: {done}/{total}"
+    if done:
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        line += f" ({rate:.1f} images/s, about {(total - done) / rate:.0f} s left)"
     if stream.isatty():
         print(f"\r{line}", end="\n" if done == total else "", file=stream, flush=True)
-    elif done == total or done % 100 < 32:
+    else:  # a log file or a pipe: every line is kept, so a killed run's log shows how far it got
         print(line, file=stream, flush=True)
 
 
@@ -143,7 +166,7 @@ def get_bottlenecks(
     keys: list[str | None] = []
     for path in paths:
         try:
-            keys.append(file_sha1(path))
+            keys.append(_content_key(path))
         except BadImageError as error:
             skip(path, error)
             keys.append(None)
@@ -158,6 +181,7 @@ def get_bottlenecks(
     if to_compute:
         started = time.perf_counter()
         done = 0
+        _progress(done, len(to_compute), started)
 
         def decode(i: int) -> np.ndarray | BadImageError:
             try:

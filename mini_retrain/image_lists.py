@@ -89,5 +89,12 @@ def _image_files(folder: Path, image_dir: Path) -> list[str]:
                 continue  # the same file reached twice (case-insensitive file system, hard link)
             if identity is not None:
                 seen_files.add(identity)
-            found.append(path.relative_to(image_dir).as_posix())
+            relative = path.relative_to(image_dir).as_posix()
+            try:
+                relative.encode("utf-8")  # the split hashes the UTF-8 name, as retrain.py did
+            except UnicodeEncodeError:  # Python decodes such bytes to lone surrogates
+                shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+                raise ValueError(f"{shown}: the name is not valid UTF-8 (made on another system?); rename it, "
+                                 "e.g. convmv -f latin1 -t utf8 -r --notest FOLDER") from None
+            found.append(relative)
     return sorted(found)

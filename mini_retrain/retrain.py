@@ -74,6 +74,8 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
     from mini_retrain.softmax_layer import compute_logits, softmax
 
     _check_outputs_writable(settings)
+    # A missing folder, one class or bad percentages: say so now, not after loading (or downloading) the backbone.
+    split_image_lists(find_images(settings.image_dir)[0], settings.validation_percentage, settings.testing_percentage)
 
     # 1-3. Images, their labels and splits, their bottlenecks.
     dataset = load_dataset(settings.image_dir, settings.validation_percentage, settings.testing_percentage,
@@ -177,8 +179,10 @@ def load_dataset(image_dir: Path, validation_percentage: float, testing_percenta
     bottleneck_dir = bottleneck_dir or cache_dir() / "bottlenecks"
     result = get_bottlenecks([image_dir / relative for _, _, relative in entries], backbone, bottleneck_dir,
                              on_bad_image=on_bad_image, log=log)
+    copies = len(result.keys) - len(set(result.keys))  # identical files: one bottleneck serves them all
     log(f"{len(result.kept)} bottlenecks ready ({result.computed} computed now, "
-        f"{len(result.kept) - result.computed} from the cache in {bottleneck_dir})")
+        f"{len(result.kept) - copies - result.computed} from the cache in {bottleneck_dir}"
+        + (f", {copies} for identical copies)" if copies else ")"))
     if result.bad:
         log(f"{len(result.bad)} image(s) skipped:")
         for path, reason in result.bad:
@@ -194,16 +198,28 @@ def load_dataset(image_dir: Path, validation_percentage: float, testing_percenta
 
 
 def _check_outputs_writable(settings: RetrainSettings) -> None:
-    """Fail before hours of work, not after: each output's folder must exist (or be creatable) and be writable."""
-    for path in (settings.output_graph, settings.output_labels):
-        folder = Path(path).resolve().parent
+    """Fail before hours of work, not after: the folder of each output file, and each output folder (the bottleneck
+    cache included), must exist (or be creatable) and be writable; an output file must not be an existing folder."""
+    files = [path for path in (settings.output_graph, settings.output_labels, settings.output_weights) if path]
+    folders = [settings.summaries_dir, settings.bottleneck_dir or cache_dir() / "bottlenecks",
+               settings.explain_misclassified,
+               settings.intermediate_output_graphs_dir if settings.intermediate_store_frequency > 0 else None]
+    for path in files:
+        if Path(path).is_dir():
+            raise ValueError(f"{path}: is a folder, not a file name; choose another output path")
+    targets = [(path, Path(path).resolve().parent) for path in files] + \
+        [(folder, Path(folder).resolve()) for folder in folders if folder]
+    for path, folder in targets:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             probe = folder / f".mini_retrain_write_test_{id(settings)}"
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as error:
-            raise ValueError(f"{path}: cannot write there ({error.strerror}); choose another output path") from None
+            # Below a regular file, mkdir says "File exists" or "Not a directory": name the file instead.
+            blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+            reason = f"{blocking} is a file, not a folder" if blocking else f"cannot write there ({error.strerror})"
+            raise ValueError(f"{path}: {reason}; choose another output path") from None
 
 
 def _report_duplicates(entries: list[tuple[str, int, str]], keys: list[str], labels: list[str],

@@ -1,0 +1,484 @@
+"""The documentation stays true to the code (docs/*.md, README.md, models/README.md).
+
+Static checks, each a small function that returns a list of problems (so the tests at the bottom can also show that
+every check catches what it is for):
+
+- every backticked dotted name `mini_retrain.x.y` resolves: import the modules along the path, then getattr;
+- a link whose text is such a name, [`mini_retrain.x.y`](../mini_retrain/x.py), points at the file of module x;
+- every relative Markdown link points at an existing file in the repository, and a #anchor into a Markdown file at
+  one of its headings (GitHub's heading ids);
+- every `mini_retrain <subcommand> --flag ...` in a shell code block or in inline code names a real subcommand of
+  mini_retrain.cli.build_parser() and only flags that subcommand accepts (spelled in full: argparse would accept an
+  abbreviation, a reader copying it should not have to rely on that);
+- every inline `--flag ...` is a flag of some subcommand, and every inline `retrain --flag ...` one of retrain.
+
+And the Python in the docs runs: the gradient check in algorithm.md, and shenzhen.md's scoring script on a
+`label --json` file written here, compared with metrics worked out by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import importlib.util
+import io
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from mini_retrain.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+DOC_FILES = sorted(DOCS.glob("*.md")) + [ROOT / "README.md", ROOT / "models" / "README.md"]
+SHELL_LANGUAGES = {"", "bash", "sh", "shell", "console", "zsh"}
+
+DOTTED_NAME = re.compile(r"^mini_retrain(\.[A-Za-z_]\w*)+$")
+LINK = re.compile(r"!?\[((?:[^\[\]`]|`[^`]*`)*)\]\(([^)\s]+)\)")  # [text](target), text may hold `code`
+INLINE_CODE = re.compile(r"`([^`\n]+)`")
+FLAG = re.compile(r"(?<![\w-])--[A-Za-z][\w-]*")
+COMMAND_SPAN = re.compile(r"^(python3? -m )?mini_retrain\s+\S")  # inline code that is a whole command
+FENCE = re.compile(r"^ {0,3}(`{3,}|~{3,})\s*([\w+-]*)")
+
+
+# ---------------------------------------------------------------------------------------------------- Markdown
+
+
+def split_markdown(text: str) -> tuple[str, list[tuple[str, str]]]:
+    """(prose, [(language, code)]): fenced blocks are returned apart; prose keeps its lines, code lines blanked.
+
+    Indented code blocks (4 spaces after a blank line) are blanked from the prose too and not returned.
+    """
+    prose: list[str] = []
+    blocks: list[tuple[str, str]] = []
+    fence, language, code = None, "", []
+    previous_blank = True
+    in_indented = False
+    for line in text.splitlines():
+        if fence is not None:
+            if line.strip().startswith(fence) and line.strip().strip(fence[0]) == "":
+                blocks.append((language, "\n".join(code)))
+                fence = None
+            else:
+                code.append(line)
+            prose.append("")
+            continue
+        opening = FENCE.match(line)
+        if opening:
+            fence, language, code = opening.group(1), opening.group(2).lower(), []
+            prose.append("")
+            previous_blank = False
+            continue
+        indented = line.startswith("    ") or line.startswith("\t")
+        if indented and (previous_blank or in_indented):
+            in_indented = True
+            prose.append("")
+            continue
+        if line.strip():
+            in_indented = False
+        previous_blank = not line.strip()
+        prose.append(line)
+    if fence is not None:
+        raise ValueError(f"an unclosed {fence} code block")
+    return "\n".join(prose), blocks
+
+
+def heading_ids(prose: str) -> set[str]:
+    """GitHub's ids of the headings: lower case, punctuation dropped, spaces -> '-', repeats get -1, -2, ..."""
+    ids: set[str] = set()
+    seen: dict[str, int] = {}
+    for line in prose.splitlines():
+        match = re.match(r"^ {0,3}#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not match:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", match.group(1).lower()).replace(" ", "-")
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        ids.add(slug if count == 0 else f"{slug}-{count}")
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+
+
+def resolve(dotted: str) -> tuple[object, Path]:
+    """The object a dotted name names, and the file of the innermost module on its path.
+
+    "mini_retrain.softmax_layer.gradients" -> (the function, .../mini_retrain/softmax_layer.py).
+    Raises ImportError or AttributeError when a part does not exist.
+    """
+    parts = dotted.split(".")
+    obj: object = importlib.import_module(parts[0])
+    module_file = Path(obj.__file__)
+    for depth in range(1, len(parts)):
+        name = ".".join(parts[: depth + 1])
+        is_package = isinstance(obj, ModuleType) and hasattr(obj, "__path__")
+        if is_package and importlib.util.find_spec(name) is not None:
+            obj = importlib.import_module(name)
+            module_file = Path(obj.__file__)
+        elif hasattr(obj, parts[depth]):
+            obj = getattr(obj, parts[depth])
+        else:
+            raise AttributeError(f"{'.'.join(parts[:depth])} has no {parts[depth]!r}")
+    return obj, module_file
+
+
+def check_dotted_names(prose: str) -> list[str]:
+    problems = []
+    for code in INLINE_CODE.findall(prose):
+        if DOTTED_NAME.match(code.strip()):
+            try:
+                resolve(code.strip())
+            except (ImportError, AttributeError) as error:
+                problems.append(f"`{code}` does not resolve ({error})")
+    return problems
+
+
+def check_links(prose: str, doc: Path, root: Path = ROOT) -> list[str]:
+    problems = []
+    for text, target in LINK.findall(prose):
+        if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+            continue
+        path_part, _, anchor = target.partition("#")
+        path = (doc.parent / path_part).resolve() if path_part else doc.resolve()
+        if not path.is_relative_to(root.resolve()):
+            problems.append(f"link ({target}) leaves the repository")
+            continue
+        if not path.exists():
+            problems.append(f"link ({target}) points at {path.relative_to(root.resolve())}, which does not exist")
+            continue
+        if anchor and path.suffix == ".md":
+            if anchor not in heading_ids(split_markdown(path.read_text(encoding="utf-8"))[0]):
+                problems.append(f"link ({target}): {path.name} has no heading with the id #{anchor}")
+        name = text.strip()
+        if name.startswith("`") and name.endswith("`") and DOTTED_NAME.match(name.strip("`")):
+            try:
+                _, module_file = resolve(name.strip("`"))
+            except (ImportError, AttributeError):
+                continue  # check_dotted_names reports it
+            if path != module_file.resolve():
+                problems.append(f"link [{name}]({target}) should point at the file of its module, "
+                                f"{module_file.resolve().relative_to(root.resolve())}")
+    return problems
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """{subcommand name: its parser}, read from the parser's subparsers action."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    raise AssertionError("mini_retrain's parser has no subcommands")
+
+
+def shell_commands(code: str) -> list[list[str]]:
+    """The simple commands of a shell snippet, as token lists: continuation lines joined, comments dropped,
+    split at && || ; | > < ( ), a leading "$ " prompt and VAR=value assignments removed."""
+    commands = []
+    for line in code.replace("\\\n", " ").splitlines():
+        line = re.sub(r"^\s*\$\s+", "", line)
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        try:
+            tokens = list(lexer)
+        except ValueError:  # unbalanced quotes: not shell
+            continue
+        command: list[str] = []
+        for token in tokens + [";"]:
+            if token and all(c in "&|;<>()" for c in token):
+                while command and re.match(r"^[A-Za-z_]\w*=", command[0]):
+                    command.pop(0)
+                if command:
+                    commands.append(command)
+                command = []
+            else:
+                command.append(token)
+    return commands
+
+
+def check_commands(code: str, parsers: dict[str, argparse.ArgumentParser],
+                   top: argparse.ArgumentParser) -> list[str]:
+    """Every `mini_retrain SUB --flag` (or `python -m mini_retrain SUB ...`) uses a real subcommand and flags."""
+    problems = []
+    for tokens in shell_commands(code):
+        if tokens[:3] in (["python", "-m", "mini_retrain"], ["python3", "-m", "mini_retrain"]):
+            tokens = tokens[2:]
+        if not tokens or tokens[0] != "mini_retrain":
+            continue
+        shown = " ".join(tokens)
+        if len(tokens) == 1 or tokens[1].startswith("-"):
+            for flag in (t.split("=")[0] for t in tokens[1:] if t.startswith("-")):
+                if flag not in top._option_string_actions:
+                    problems.append(f"`{shown}`: mini_retrain has no option {flag}")
+            continue
+        subcommand = tokens[1]
+        if subcommand not in parsers:
+            problems.append(f"`{shown}`: {subcommand!r} is not a subcommand (there are {', '.join(parsers)})")
+            continue
+        accepted = parsers[subcommand]._option_string_actions
+        for token in tokens[2:]:
+            flag = token.split("=")[0]
+            if token.startswith("-") and not re.fullmatch(r"-\d[\d.]*", token) and flag not in accepted:
+                problems.append(f"`{shown}`: `mini_retrain {subcommand}` has no flag {flag}")
+    return problems
+
+
+def check_shell(prose: str, blocks: list[tuple[str, str]], parsers: dict[str, argparse.ArgumentParser],
+                top: argparse.ArgumentParser) -> list[str]:
+    problems = []
+    for language, code in blocks:
+        if language in SHELL_LANGUAGES:
+            problems += check_commands(code, parsers, top)
+    for code in INLINE_CODE.findall(prose):
+        if COMMAND_SPAN.match(code):
+            problems += check_commands(code, parsers, top)
+    return problems
+
+
+def check_inline_flags(prose: str, parsers: dict[str, argparse.ArgumentParser]) -> list[str]:
+    """Flags quoted without `mini_retrain` in front: `--learning_rate 0.01` must be a flag of some subcommand,
+    `retrain --report DIR` a flag of that subcommand. Other commands' flags (`pip download --no-deps`) are skipped."""
+    known = {flag for parser in parsers.values() for flag in parser._option_string_actions}
+    problems = []
+    for code in INLINE_CODE.findall(prose):
+        words = code.split()
+        if words[0].startswith("--"):
+            problems += [f"`{code}`: no subcommand has a flag {flag}" for flag in FLAG.findall(code) if flag not in known]
+        elif words[0] in parsers and len(words) > 1 and words[1].startswith("--"):
+            accepted = parsers[words[0]]._option_string_actions
+            problems += [f"`{code}`: `mini_retrain {words[0]}` has no flag {flag}"
+                         for flag in FLAG.findall(code) if flag not in accepted]
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def cli():
+    top = build_parser()
+    return top, subcommand_parsers(top)
+
+
+def _documents():
+    return [pytest.param(path, id=str(path.relative_to(ROOT))) for path in DOC_FILES]
+
+
+def test_the_documents_exist():
+    names = {path.relative_to(ROOT).as_posix() for path in DOC_FILES if path.is_file()}
+    assert {"docs/README.md", "docs/algorithm.md", "docs/shenzhen.md", "README.md", "models/README.md"} <= names
+
+
+@pytest.mark.parametrize("doc", _documents())
+def test_dotted_names_resolve(doc):
+    prose, _ = split_markdown(doc.read_text(encoding="utf-8"))
+    assert check_dotted_names(prose) == []
+
+
+@pytest.mark.parametrize("doc", _documents())
+def test_relative_links_exist(doc):
+    prose, _ = split_markdown(doc.read_text(encoding="utf-8"))
+    assert check_links(prose, doc) == []
+
+
+@pytest.mark.parametrize("doc", _documents())
+def test_commands_and_flags_are_real(doc, cli):
+    top, parsers = cli
+    prose, blocks = split_markdown(doc.read_text(encoding="utf-8"))
+    assert check_shell(prose, blocks, parsers, top) == []
+    assert check_inline_flags(prose, parsers) == []
+
+
+@pytest.mark.parametrize("doc", _documents())
+def test_code_spans_do_not_break_across_lines(doc):
+    """Markdown allows `a
+    b`, but then every later span of the paragraph would be paired wrongly by the checks above: keep each on one line."""
+    prose, _ = split_markdown(doc.read_text(encoding="utf-8"))
+    odd = [f"line {number}: {line}" for number, line in enumerate(prose.splitlines(), 1) if line.count("`") % 2]
+    assert odd == []
+
+
+def test_docs_index_links_every_page():
+    prose, _ = split_markdown((DOCS / "README.md").read_text(encoding="utf-8"))
+    linked = {(DOCS / target.partition("#")[0]).resolve() for _, target in LINK.findall(prose)}
+    missing = [p.name for p in DOCS.glob("*.md") if p.name != "README.md" and p.resolve() not in linked]
+    assert missing == []
+
+
+def test_the_algorithm_page_links_its_code():
+    """Each numbered section of algorithm.md names the code that implements it."""
+    prose, _ = split_markdown((DOCS / "algorithm.md").read_text(encoding="utf-8"))
+    sections = re.split(r"^## ", prose, flags=re.MULTILINE)[1:]
+    assert len(sections) >= 10
+    for section in sections:
+        links = [text for text, _ in LINK.findall(section) if DOTTED_NAME.match(text.strip("`"))]
+        assert links, f"section '{section.splitlines()[0]}' links no mini_retrain function"
+
+
+def test_every_shell_block_of_the_walkthrough_uses_mini_retrain_commands(cli):
+    """The walkthrough's commands are checked above only if the parser below finds them: make sure it does."""
+    top, parsers = cli
+    _, blocks = split_markdown((DOCS / "shenzhen.md").read_text(encoding="utf-8"))
+    used = {tokens[1] for language, code in blocks if language in SHELL_LANGUAGES
+            for tokens in shell_commands(code) if tokens[0] == "mini_retrain" and len(tokens) > 1}
+    assert {"prepare", "retrain", "label", "explain", "crossval", "sweep"} <= used
+
+
+def _defaults(parsers: dict[str, argparse.ArgumentParser], subcommand: str) -> dict:
+    return {action.dest: action.default for action in parsers[subcommand]._actions}
+
+
+def test_numbers_quoted_from_the_code(cli):
+    """Defaults and constants the pages quote, rebuilt from the code: a changed default shows up here."""
+    import inspect
+    import math
+
+    from mini_retrain import image_lists, metrics, ood, softmax_layer, split
+
+    _, parsers = cli
+    retrain, sweep, label = _defaults(parsers, "retrain"), _defaults(parsers, "sweep"), _defaults(parsers, "label")
+    max_plus_one = split.MAX_NUM_IMAGES_PER_CLASS + 1
+    assert max_plus_one & (max_plus_one - 1) == 0  # a power of two, so it can be written 2**k - 1
+    quantile = inspect.signature(ood.fit_ood_model).parameters["quantile"].default
+    bins = inspect.signature(metrics.calibration).parameters["bins"].default
+    expected = {
+        "algorithm.md": [
+            f"MAX = 2**{int(math.log2(max_plus_one))} - 1",
+            f"`--validation_percentage {retrain['validation_percentage']:g}`",
+            f"`--testing_percentage {retrain['testing_percentage']:g}`",
+            f"`--train_batch_size` = {retrain['train_batch_size']}",
+            f"(`--learning_rate`, {retrain['learning_rate']:g})",
+            f"(--how_many_training_steps {retrain['how_many_training_steps']})",
+            f"every --eval_step_interval steps ({retrain['eval_step_interval']})",
+            f"(`--validation_batch_size {retrain['validation_batch_size']}`)",
+            f"standard deviation {softmax_layer.INIT_STDDEV:g}",
+            f"fewer than {image_lists.MIN_IMAGES_PER_CLASS} images",
+            f"into {bins} equal-width bins",
+            f"K = min({ood.MAX_FOLDS}, n)",
+            f"THRESHOLD_MARGIN = {ood.THRESHOLD_MARGIN:g}, q = {quantile:g}",
+        ],
+        "shenzhen.md": [
+            f"{retrain['how_many_training_steps']} steps, learning rate {retrain['learning_rate']:g}, batches of "
+            f"{retrain['train_batch_size']}, {retrain['validation_percentage']:g}% of images for validation and "
+            f"{retrain['testing_percentage']:g}% for testing",
+            f"--learning_rates {sweep['learning_rates']} --training_steps {sweep['training_steps']} "
+            f"--class_balancing {sweep['class_balancing']}",
+            f"default `--num_top_predictions {label['num_top_predictions']}`",
+        ],
+    }
+    for page, phrases in expected.items():
+        text = " ".join((DOCS / page).read_text(encoding="utf-8").split())  # line breaks as spaces
+        missing = [phrase for phrase in phrases if phrase not in text]
+        assert missing == [], f"{page} no longer matches the code: {missing}"
+
+
+# The checks must be able to fail: each is shown a small document with one mistake of its kind.
+
+def test_the_checks_catch_mistakes(cli):
+    top, parsers = cli
+    doc = DOCS / "imaginary.md"  # never written: the links are resolved from docs/
+    text = "\n".join([
+        "# Title",
+        "See [`mini_retrain.softmax_layer.no_such_function`](../mini_retrain/softmax_layer.py).",
+        "And [`mini_retrain.softmax_layer.softmax`](../mini_retrain/split.py), [gone](missing.md),",
+        "[anchor](algorithm.md#no-such-heading), [fine](algorithm.md#1-the-pipeline-at-a-glance), `--no_such_flag`,",
+        "`label --report x` (a flag of retrain, not of label), `pip download --no-deps x` (not ours).",
+        "Inline `mini_retrain retrain --image_dir x --learning_rat 0.1`.",
+        "",
+        "```bash",
+        "mini_retrain retrain --image_dir lungs --validation_batch_size -1 \\",
+        "    --how_many_training_step 10   # a comment --not_a_flag",
+        "pip install . && mini_retrain nosuch --x 1",
+        "mini_retrain label --graph g.onnx --image a.png --json > out.json",
+        "```",
+        "",
+        "```text",
+        "mini_retrain nosuch  (output, not a command: not checked)",
+        "```",
+    ])
+    prose, blocks = split_markdown(text)
+    assert check_dotted_names(prose) == [
+        "`mini_retrain.softmax_layer.no_such_function` does not resolve "
+        "(mini_retrain.softmax_layer has no 'no_such_function')"]
+    links = check_links(prose, doc)
+    assert len(links) == 3, links
+    assert any("should point at the file of its module" in p for p in links)
+    assert any("missing.md" in p for p in links) and any("#no-such-heading" in p for p in links)
+    shell = check_shell(prose, blocks, parsers, top)
+    assert len(shell) == 3, shell
+    assert any("--how_many_training_step" in p for p in shell)
+    assert any("'nosuch' is not a subcommand" in p for p in shell)
+    assert any("--learning_rat" in p for p in shell)
+    assert check_inline_flags(prose, parsers) == ["`--no_such_flag`: no subcommand has a flag --no_such_flag",
+                                                  "`label --report x`: `mini_retrain label` has no flag --report"]
+
+
+def test_a_link_to_the_wrong_module_file_is_caught():
+    doc = ROOT / "docs" / "imaginary.md"
+    prose = "[`mini_retrain.softmax_layer.softmax`](../mini_retrain/split.py)"
+    assert check_links(prose, doc) == [
+        "link [`mini_retrain.softmax_layer.softmax`](../mini_retrain/split.py) should point at the file of its "
+        "module, mini_retrain/softmax_layer.py"]
+    assert check_links(prose.replace("split.py", "softmax_layer.py"), doc) == []
+
+
+def test_heading_ids_follow_github():
+    ids = heading_ids("# 4. The train / validation / test split\n## Lay it out: `prepare`\n## Same\n## Same\n")
+    assert ids == {"4-the-train--validation--test-split", "lay-it-out-prepare", "same", "same-1"}
+
+
+# ---------------------------------------------------------------------------------------------------- snippets
+
+
+def _python_blocks(doc: Path) -> list[str]:
+    return [code for language, code in split_markdown(doc.read_text(encoding="utf-8"))[1] if language == "python"]
+
+
+def test_the_gradient_check_in_algorithm_md_runs():
+    blocks = _python_blocks(DOCS / "algorithm.md")
+    assert blocks, "algorithm.md lost its finite-difference check"
+    for code in blocks:
+        with contextlib.redirect_stdout(io.StringIO()):
+            exec(compile(code, "docs/algorithm.md", "exec"), {"__name__": "__doc_snippet__"})
+
+
+def test_the_scoring_script_in_shenzhen_md(tmp_path, monkeypatch):
+    """shenzhen.md's score_labels.py on a `label --json` file with known answers.
+
+    Four readable images and one unreadable (skipped). By hand, with abnormal the positive class:
+      abnormal/1  abnormal 0.9  -> right       abnormal/2  abnormal 0.3 -> wrong (called normal), out of distribution
+      normal/3    abnormal 0.2  -> right       normal/4    abnormal 0.4 -> right
+    accuracy 3/4, sensitivity 1/2, specificity 2/2; AUC = pairs (positive, negative) ranked right / 4 =
+    (0.9>0.2, 0.9>0.4, 0.3>0.2, not 0.3>0.4) = 3/4; 1 of 4 out of distribution.
+    """
+    scripts = [code for code in _python_blocks(DOCS / "shenzhen.md") if "score_labels.py" in code]
+    assert len(scripts) == 1
+
+    def record(path, abnormal, ood=False):
+        normal = round(1 - abnormal, 6)
+        predictions = sorted([{"label": "abnormal", "score": abnormal}, {"label": "normal", "score": normal}],
+                             key=lambda p: -p["score"])  # label prints the highest score first
+        return {"image": f"lungs_montgomery/{path}", "predictions": predictions, "ood_distance": 9.0 if ood else 1.0,
+                "ood_threshold": 5.0, "out_of_distribution": ood}
+
+    records = [record("abnormal/MCUCXR_0001_1.png", 0.9), record("abnormal/MCUCXR_0002_1.png", 0.3, ood=True),
+               record("normal/MCUCXR_0003_0.png", 0.2), record("normal/MCUCXR_0004_0.png", 0.4),
+               {"image": "lungs_montgomery/normal/broken.png", "error": "not an image"}]
+    (tmp_path / "montgomery.json").write_text(json.dumps(records))
+    (tmp_path / "retrained_labels.txt").write_text("abnormal\nnormal\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["score_labels.py", "montgomery.json", "retrained_labels.txt"])
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(compile(scripts[0], "docs/shenzhen.md", "exec"), {"__name__": "__main__"})
+    printed = output.getvalue()
+    assert "Accuracy = 75.0% (N=4," in printed
+    assert "Sensitivity (abnormal) = 50.0% (1/2," in printed
+    assert "Specificity (normal) = 100.0% (2/2," in printed
+    assert "ROC AUC = 0.750" in printed
+    assert "Out of distribution: 1 of 4 images" in printed
