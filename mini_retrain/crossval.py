@@ -97,6 +97,19 @@ def _rate(successes: int, n: int) -> dict:
     return {"estimate": successes / n if n else None, "successes": successes, "n": n, "ci": [low, high]}
 
 
+def check_output_json(output_json: Path) -> Path:
+    """Fail early with one line if --output_json cannot be written (its folder is created if needed)."""
+    output_json = Path(output_json)
+    folder = output_json.resolve().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"{output_json}: cannot create its folder ({error.strerror}); choose another --output_json")
+    if output_json.is_dir() or not os.access(folder, os.W_OK):
+        raise ValueError(f"{output_json}: cannot write there (a folder, or read-only); choose another --output_json")
+    return output_json
+
+
 def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, how_many_training_steps: int = 4000,
                    learning_rate: float = 0.01, train_batch_size: int = 100, positive_label: str | None = None,
                    log: Callable[[str], None] = print) -> dict:
@@ -160,14 +173,7 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
     """
     from mini_retrain.backbone import load_backbone
 
-    output_json = Path(output_json)
-    folder = output_json.resolve().parent  # checked now, before the bottlenecks, not after them
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{output_json}: cannot create its folder ({error.strerror}); choose another --output_json")
-    if output_json.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(f"{output_json}: cannot write there (a folder, or read-only); choose another --output_json")
+    output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
     # 0% validation, 0% testing: every image is "training", i.e. every image takes part.
     dataset = load_dataset(settings.image_dir, 0.0, 0.0, backbone=load_backbone(settings.backbone, settings.device),
                            bottleneck_dir=settings.bottleneck_dir, on_bad_image=settings.on_bad_image, log=log)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from mini_retrain.atomic_write import write_bytes_atomically
+from mini_retrain.crossval import check_output_json
 from mini_retrain.metrics import evaluate, format_evaluation, wilson_interval
 from mini_retrain.retrain import Dataset, RetrainSettings, load_dataset
 from mini_retrain.sampling import sample_batch
@@ -199,14 +200,7 @@ def sweep(settings: RetrainSettings, learning_rates: list[float], training_steps
     """
     from mini_retrain.backbone import load_backbone
 
-    output_json = Path(output_json)
-    folder = output_json.resolve().parent  # checked now, before the bottlenecks, not after them
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{output_json}: cannot create its folder ({error.strerror}); choose another --output_json")
-    if output_json.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(f"{output_json}: cannot write there (a folder, or read-only); choose another --output_json")
+    output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
     dataset = load_dataset(settings.image_dir, settings.validation_percentage, settings.testing_percentage,
                            backbone=load_backbone(settings.backbone, settings.device),
                            bottleneck_dir=settings.bottleneck_dir, on_bad_image=settings.on_bad_image, log=log)
