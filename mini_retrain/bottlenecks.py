@@ -55,12 +55,14 @@ def store_folder(bottleneck_dir: str | Path, backbone: Backbone) -> Path:
     return Path(bottleneck_dir) / f"{backbone_id[:16]}-{PREPROCESSING_VERSION}"
 
 
-def load_store(folder: Path, log: Callable[[str], None] = print) -> tuple[dict[str, int], np.ndarray]:
-    """Read every shard: ({key: row}, (n, D) float32). Damaged shards are renamed *.corrupt and skipped."""
+def load_store(folder: Path, log: Callable[[str], None] = print,
+               shards: list[Path] | None = None) -> tuple[dict[str, int], np.ndarray]:
+    """Read every shard (or the given ones): ({key: row}, (n, D) float32). Damaged shards are renamed *.corrupt and
+    skipped. A key found in two shards (two runs that computed the same image at once) keeps its first row."""
     index: dict[str, int] = {}
     parts: list[np.ndarray] = []
     rows = 0
-    for shard in sorted(folder.glob("shard-*.npz")):
+    for shard in sorted(folder.glob("shard-*.npz")) if shards is None else shards:
         try:
             with np.load(shard, allow_pickle=False) as arrays:
                 keys, values = arrays["keys"], arrays["bottlenecks"]
@@ -95,15 +97,25 @@ def write_shard(folder: Path, keys: list[str], values: np.ndarray) -> Path:
     return write_bytes_atomically(folder / name, buffer.getvalue())
 
 
-def compact_store(folder: Path) -> None:
-    """Merge all shards into one (written before the old ones are removed, so a crash loses nothing)."""
-    shards = sorted(folder.glob("shard-*.npz"))
-    if len(shards) < 2:
+def compact_store(folder: Path, log: Callable[[str], None] = print) -> None:
+    """Merge the small shards a run wrote into one; rewrite the big one only once the rest outgrow it.
+
+    The largest shard is the store built by earlier runs (100k images: 800 MB). Rewriting it to add one batch of 32
+    would cost seconds and twice its size in memory, so only the other shards are merged, unless together they are
+    larger than it: then everything is merged. So a run leaves at most two shards, and each bottleneck is rewritten
+    only when the store has doubled since it was last written (O(log n) times in all).
+    The merged shard is written before the old ones are removed, so a crash loses nothing.
+    """
+    shards = sorted(folder.glob("shard-*.npz"), key=lambda shard: shard.stat().st_size)  # smallest first
+    largest, rest = shards[-1:], shards[:-1]
+    if sum(shard.stat().st_size for shard in rest) > sum(shard.stat().st_size for shard in largest):
+        rest = shards
+    if len(rest) < 2:
         return
-    index, values = load_store(folder)
-    keys = sorted(index, key=index.get)
-    merged = write_shard(folder, keys, values[[index[k] for k in keys]])
-    for shard in shards:
+    index, values = load_store(folder, log, rest)
+    keys = sorted(index, key=index.get)  # in row order: values already holds one row per key, in this order
+    merged = write_shard(folder, keys, values if len(keys) == len(values) else values[[index[k] for k in keys]])
+    for shard in rest:
         if shard != merged:
             shard.unlink(missing_ok=True)
 
@@ -185,7 +197,7 @@ def get_bottlenecks(
 
         def decode(i: int) -> np.ndarray | BadImageError:
             try:
-                return backbone_input(read_image(paths[i]), backbone.sidecar)
+                return backbone_input(read_image(paths[i], keep_gray=True), backbone.sidecar)
             except BadImageError as error:
                 return error
 
@@ -212,21 +224,23 @@ def get_bottlenecks(
                     new_values.append(values)
                 done += len(batch)
                 _progress(done, len(to_compute), started)
-        compact_store(folder)
+        compact_store(folder, log)
 
     for i, key in enumerate(keys):
         if key in failed:  # an identical copy of a file that failed to decode
             skip(paths[i], failed[key])
             keys[i] = None
 
-    # Assemble rows in the order of `paths`.
-    lookup = dict(index)
-    offset = len(cached)
-    for key in new_keys:
-        lookup[key] = offset
-        offset += 1
-    size = backbone.sidecar["bottleneck_size"]
-    table = np.concatenate([cached if cached.size else np.zeros((0, size), np.float32)] + new_values)
-    kept = [i for i, key in enumerate(keys) if key is not None and key in lookup]
-    values = table[[lookup[keys[i]] for i in kept]] if kept else np.zeros((0, table.shape[1]), np.float32)
+    # Assemble rows in the order of `paths`, straight from the two sources (no third copy of everything).
+    new_index = {key: row for row, key in enumerate(new_keys)}
+    new_table = np.concatenate(new_values) if new_values else np.zeros((0, 0), np.float32)  # (n_new, D)
+    del new_values
+    kept = [i for i, key in enumerate(keys) if key is not None and (key in index or key in new_index)]
+    values = np.empty((len(kept), backbone.sidecar["bottleneck_size"]), np.float32)  # (n_kept, D)
+    from_new = [(row, new_index[keys[i]]) for row, i in enumerate(kept) if keys[i] in new_index]
+    from_cache = [(row, index[keys[i]]) for row, i in enumerate(kept) if keys[i] not in new_index]
+    for rows, table in ((from_new, new_table), (from_cache, cached)):
+        if rows:
+            destination, source = zip(*rows)
+            values[list(destination)] = table[list(source)]
     return Bottlenecks(values, kept, [keys[i] for i in kept], bad, len(new_keys))

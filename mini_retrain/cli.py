@@ -24,7 +24,9 @@ def _retrain(args: argparse.Namespace) -> int:
     from mini_retrain.retrain import RetrainSettings, retrain
 
     fields = {f for f in RetrainSettings.__dataclass_fields__}
-    retrain(RetrainSettings(**{k: v for k, v in vars(args).items() if k in fields}))
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values["class_balancing"] = args.class_balancing == "on"
+    retrain(RetrainSettings(**values))
     return 0
 
 
@@ -144,6 +146,9 @@ def _add_retrain_parser(commands) -> None:
     p.add_argument("--intermediate_output_graphs_dir", type=Path, default=Path("intermediate_graphs"),
                    help="where the intermediate graphs go")
     p.add_argument("--random_seed", type=int, default=0, help="seed for initial weights and batch sampling")
+    p.add_argument("--class_balancing", choices=("on", "off"), default="on",
+                   help="on = each training image is drawn by class first, then an image of it (retrain.py); "
+                   "off = every training image equally likely (try both with `mini_retrain sweep`)")
     p.add_argument("--on_bad_image", choices=("skip", "error"), default="skip",
                    help="an unreadable image: skip it with a message, or stop")
     p.add_argument("--positive_label", default=None,
@@ -175,7 +180,7 @@ def _add_label_parser(commands) -> None:
 
 def _add_demo_parser(commands) -> None:
     p = commands.add_parser(
-        "demo", help="retrain on 16 bundled chest X-rays, then label X-rays and photos",
+        "demo", help="retrain on 14 bundled chest X-rays, then label 2 held-out X-rays and 2 photos",
         description="Retrain on 14 bundled pediatric chest X-rays (normal / pneumonia), label the 2 held out, "
         "then a photo of a cat and of a coffee cup, to show what the scores and the OOD warning mean.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -1,6 +1,6 @@
 """Image files -> the input of the Inception v3 backbone.
 
-    file --read_image--> 8-bit RGB image --resize_for_backbone--> (299, 299, 3) float32, 0..255
+    file --read_image--> 8-bit RGB (or grey) image --resize_for_backbone--> (299, 299, 3) float32, 0..255
          --to_backbone_input--> (3, 299, 299) float32, about -1..1
 
 Google's 2015 Inception v3 was trained on 299x299 RGB images normalised as retrain.py does it
@@ -10,7 +10,7 @@ Google's 2015 Inception v3 was trained on 299x299 RGB images normalised as retra
 
 `read_image` accepts what a clinic or a public data set is likely to hand over (JPEG, PNG, TIFF,
 BMP, GIF, WebP, DICOM) in any common pixel format, and turns every one of them into 8-bit RGB
-with one documented rule per Pillow mode (see `_to_rgb`). The file's content decides the decoder,
+with one documented rule per Pillow mode (see `_to_8bit`). The file's content decides the decoder,
 never its name: a PNG called .jpg reads fine. Every failure is a `BadImageError` that names the
 file, the reason and the fix, so one bad file among thousands is a one-line message.
 """
@@ -54,8 +54,13 @@ class BadImageError(ValueError):
         return (type(self), (self.path, self.reason, self.fix))
 
 
-def read_image(path: str | os.PathLike, fast: bool = False) -> Image.Image:
+def read_image(path: str | os.PathLike, fast: bool = False, keep_gray: bool = False) -> Image.Image:
     """Decode an image file into an 8-bit RGB PIL image, EXIF orientation applied.
+
+    keep_gray=True returns a grey image as 8-bit "L" instead (RGB images stay RGB): an X-ray's
+    three RGB channels would be identical, so the pipeline keeps one until after the resize
+    (resize_for_backbone accepts both) and decodes a 4000x5000 film with a third of the memory
+    and of the resizing work. The 299x299 pixels that reach the network are the same.
 
     DICOM files (b"DICM" after the 128-byte preamble, or named .dcm and not recognised by Pillow:
     old DICOM files have no preamble) go to `dicom.read_dicom`. Everything else goes to Pillow,
@@ -70,7 +75,7 @@ def read_image(path: str | os.PathLike, fast: bool = False) -> Image.Image:
     path = Path(path)
     header = _read_header(path)
     if header[_DICOM_MAGIC_OFFSET:_DICOM_MAGIC_OFFSET + 4] == b"DICM":
-        return _read_dicom_as_rgb(path)
+        return _read_dicom(path, keep_gray)
     try:
         with Image.open(path, formats=PILLOW_FORMATS) as opened:  # reads the header only
             _check_size(opened.size, path)
@@ -82,7 +87,7 @@ def read_image(path: str | os.PathLike, fast: bool = False) -> Image.Image:
         raise
     except Image.UnidentifiedImageError:
         if path.suffix.lower() == ".dcm":
-            return _read_dicom_as_rgb(path)
+            return _read_dicom(path, keep_gray)
         raise BadImageError(
             path, "not a recognised image", "expected JPEG, PNG, TIFF, BMP, GIF, WebP or DICOM"
         ) from None
@@ -99,15 +104,16 @@ def read_image(path: str | os.PathLike, fast: bool = False) -> Image.Image:
             f"truncated or corrupt image data ({type(error).__name__}: {error})",
             "re-export or re-download the file",
         ) from None
-    return _to_rgb(image, path)
+    image = _to_8bit(image, path)  # "L" or "RGB"
+    return image if keep_gray or image.mode == "RGB" else image.convert("RGB")  # gray copied into R, G, B
 
 
-def _read_dicom_as_rgb(path: Path) -> Image.Image:
+def _read_dicom(path: Path, keep_gray: bool) -> Image.Image:
     from mini_retrain.dicom import read_dicom  # imported here: dicom imports BadImageError from us
 
     image = read_dicom(path)  # mode "L" or "RGB"
     _check_size(image.size, path)
-    return image.convert("RGB")
+    return image if keep_gray or image.mode == "RGB" else image.convert("RGB")
 
 
 def _read_header(path: Path) -> bytes:
@@ -167,11 +173,12 @@ def _check_size(size: tuple[int, int], path: Path) -> None:
         )
 
 
-def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
-    """Convert any supported Pillow mode to 8-bit "RGB", one rule per mode.
+def _to_8bit(image: Image.Image, path: Path) -> Image.Image:
+    """Convert any supported Pillow mode to 8-bit grey "L" or 8-bit "RGB", one rule per mode.
 
-    RGB                 kept.
-    L, 1                gray copied into R, G and B (1-bit: 0 -> 0, 1 -> 255).
+    (read_image then copies grey into R, G and B, unless asked to keep it grey.)
+    RGB, L              kept.
+    1                   grey, 0 -> 0, 1 -> 255.
     LA, RGBA, RGBX      the alpha (or padding) channel is dropped, as TensorFlow's
                         decode_png(channels=3) does: the colour under a transparent pixel stays.
     P, PA               palette looked up, alpha dropped.
@@ -183,17 +190,21 @@ def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
                         actually uses, not by 65535 (which would make it nearly black):
                             bits = max(8, ceil(log2(max + 1)))
                             y = round(x * 255 / (2**bits - 1))
-                        An 8-bit image stored in 16 bits is therefore unchanged.
+                        An 8-bit image stored in 16 bits is therefore unchanged. For bits <= 16
+                        y is looked up in a table of the 2**bits possible values (the same
+                        numbers, without a float64 copy of a 20-megapixel film).
     F                   32-bit float (TIFF). Values in [0, 1] are taken as fractions of white:
                         y = round(255 x). Any other range is stretched: y = round(255 (x - min) /
                         (max - min)) (a constant image becomes black).
     Anything else (LAB, HSV, ...) is a BadImageError.
     """
     mode = image.mode
-    if mode == "RGB":
+    if mode in ("RGB", "L"):
         return image
-    if mode in ("L", "1", "LA", "RGBA", "RGBX", "YCbCr"):
-        return image.convert("RGB")  # Pillow drops the 4th channel of LA/RGBA/RGBX
+    if mode in ("1", "LA"):
+        return image.convert("L")  # Pillow drops the alpha of LA
+    if mode in ("RGBA", "RGBX", "YCbCr"):
+        return image.convert("RGB")  # Pillow drops the 4th channel of RGBA/RGBX
     if mode in ("P", "PA"):
         # via RGBA: going straight to RGB makes Pillow warn about palette transparency
         return image.convert("RGBA").convert("RGB")
@@ -202,14 +213,17 @@ def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
         rgb = (255.0 - cmyk[..., :3]) * (255.0 - cmyk[..., 3:]) / 255.0  # (H, W, 3)
         return _gray_or_rgb_to_image(rgb)
     if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
-        values = np.asarray(image).astype(np.int64)  # (H, W), any byte order -> native
+        values = np.asarray(image)  # (H, W) uint16 or int32, native byte order
         low, high = int(values.min()), int(values.max())
         if low < 0:
             raise BadImageError(
                 path, f"negative pixel values ({low}) in a {mode} image", "export as 8- or 16-bit"
             )
         bits = max(8, high.bit_length())  # == ceil(log2(high + 1)) for integers >= 0
-        return _gray_or_rgb_to_image(values * 255.0 / (2**bits - 1))
+        if bits <= 16:
+            table = np.clip(np.rint(np.arange(2**bits) * 255.0 / (2**bits - 1)), 0, 255).astype(np.uint8)
+            return Image.fromarray(table[values])  # (H, W) uint8: y for every pixel, looked up
+        return _gray_or_rgb_to_image(values.astype(np.int64) * 255.0 / (2**bits - 1))
     if mode == "F":
         values = np.asarray(image, dtype=np.float64)  # (H, W)
         if not np.isfinite(values).all():
@@ -224,15 +238,15 @@ def _to_rgb(image: Image.Image, path: Path) -> Image.Image:
 
 
 def _gray_or_rgb_to_image(values: np.ndarray) -> Image.Image:
-    """(H, W) or (H, W, 3) floats in 0..255 -> 8-bit RGB image, rounding to the nearest level."""
-    levels = np.clip(np.rint(values), 0, 255).astype(np.uint8)
-    if levels.ndim == 2:
-        return Image.fromarray(levels).convert("RGB")
-    return Image.fromarray(levels)
+    """(H, W) or (H, W, 3) floats in 0..255 -> 8-bit "L" or "RGB" image, rounding to the nearest level."""
+    return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
 
 
 def resize_for_backbone(image: Image.Image, size: int = INPUT_SIZE) -> np.ndarray:
-    """Squeeze an RGB image into (size, size, 3) float32 pixels in 0..255 (whole levels).
+    """Squeeze an RGB or grey ("L") image into (size, size, 3) float32 pixels in 0..255 (whole levels).
+
+    A grey image is resized once and then copied into the three channels: the same numbers as
+    resizing its RGB copy (Pillow resizes each channel alike), a third of the work.
 
     Like retrain.py we do not keep the aspect ratio or crop: the whole film goes in.
     Pillow's BILINEAR antialiases when it shrinks (its filter widens with the shrink factor, so
@@ -240,13 +254,15 @@ def resize_for_backbone(image: Image.Image, size: int = INPUT_SIZE) -> np.ndarra
     pixel blends only its 4 nearest source pixels, so a big X-ray aliases). Antialiasing is the
     better choice; the bottlenecks differ slightly from TF1's.
     """
-    if image.mode != "RGB":
-        raise ValueError(f"resize_for_backbone needs an RGB image, got mode {image.mode!r}; "
+    if image.mode not in ("RGB", "L"):
+        raise ValueError(f"resize_for_backbone needs an RGB or L image, got mode {image.mode!r}; "
                          "read it with read_image")
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
-    resized = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(resized).astype(np.float32)  # (size, size, 3)
+    resized = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    if resized.ndim == 2:  # grey (size, size) -> (size, size, 3)
+        resized = np.repeat(resized[:, :, None], 3, axis=2)
+    return resized  # (size, size, 3)
 
 
 def to_backbone_input(pixels: np.ndarray) -> np.ndarray:
@@ -263,7 +279,7 @@ def to_backbone_input(pixels: np.ndarray) -> np.ndarray:
 
 def load_backbone_input(path: str | os.PathLike, fast: bool = False) -> np.ndarray:
     """Read, resize and normalise one file: (3, 299, 299) float32, ready for the backbone."""
-    return to_backbone_input(resize_for_backbone(read_image(path, fast=fast)))
+    return to_backbone_input(resize_for_backbone(read_image(path, fast=fast, keep_gray=True)))
 
 
 def file_sha1(path: str | os.PathLike) -> str:

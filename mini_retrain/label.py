@@ -11,6 +11,7 @@ to the nearest class mean of the training bottlenecks; beyond the threshold stor
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,7 +42,7 @@ def load_retrained(graph: str | Path, labels_file: str | Path | None = None, dev
         raise ValueError(f"{graph}: no such graph; pass the --output_graph of `mini_retrain retrain`")
     providers, message = choose_providers(device, onnxruntime.get_available_providers())
     if message:
-        print(f"WARNING: {message}", flush=True)
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
     try:
         session = onnxruntime.InferenceSession(str(graph), sess_options=session_options(), providers=providers)
     except Exception as error:
@@ -77,7 +78,7 @@ def image_paths(inputs: list[str | Path]) -> list[Path]:
 def model_input(model: RetrainedModel, path: Path) -> np.ndarray:
     """(3, H, W) float32, scaled as the graph's metadata says."""
     size = json.loads(model.metadata["input_size"])[0]
-    pixels = resize_for_backbone(read_image(path), size)  # (H, W, 3) 0..255
+    pixels = resize_for_backbone(read_image(path, keep_gray=True), size)  # (H, W, 3) 0..255
     mean, std = float(model.metadata["input_mean"]), float(model.metadata["input_std"])
     return ((pixels - mean) / std).transpose(2, 0, 1).astype(np.float32)
 

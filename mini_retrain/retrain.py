@@ -56,6 +56,7 @@ class RetrainSettings:
     intermediate_store_frequency: int = 0
     intermediate_output_graphs_dir: Path = Path("intermediate_graphs")
     random_seed: int = 0
+    class_balancing: bool = True  # retrain.py's batches: a class uniformly, then an image (see sampling.py)
     on_bad_image: str = "skip"
     positive_label: str | None = None
     explain_misclassified: Path | None = None
@@ -95,6 +96,7 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
         how_many_training_steps=settings.how_many_training_steps, learning_rate=settings.learning_rate,
         train_batch_size=settings.train_batch_size, validation_batch_size=settings.validation_batch_size,
         eval_step_interval=settings.eval_step_interval, log=log, distorted_bottlenecks=distorted, on_step=on_step,
+        class_balancing=settings.class_balancing,
     )
 
     # 5. Test, once, on images the training never saw.

@@ -17,9 +17,70 @@ Here the same distribution is drawn without a Python loop over samples:
     count_c = number of candidates in class c,  start_c = where class c begins in `order`
     c       = a present class, uniformly        (u1 ~ U[0, 1):  c = classes[floor(u1 * n_classes)])
     index   = order[start_c + floor(u2 * count_c)]     (u2 ~ U[0, 1): an image of c, uniformly)
+
+The grouping (a sort) depends only on the labels, so the training loop does it once (group_by_class) and then
+draws 4000 batches from the groups (sample_from_groups); sample_batch does both for one batch.
+
+"Class balancing off" (uniform_batch, offered by `--class_balancing off`): every image equally likely,
+P(i) = 1 / n, so batches have the class frequencies of the data.
 """
 
+from typing import NamedTuple
+
 import numpy as np
+
+
+class ClassGroups(NamedTuple):
+    """The candidates grouped by class: order[start[k] : start[k] + count[k]] are those of the k-th present class."""
+    order: np.ndarray  # (n,) indices into labels, sorted by class
+    start: np.ndarray  # (n_classes,) where each class begins in `order`
+    count: np.ndarray  # (n_classes,) how many candidates each class has, >= 1
+
+
+def _check_labels(labels: np.ndarray) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"labels must be a non-empty 1-D array of class indices, got shape {labels.shape}.")
+    if labels.dtype.kind not in "iu":
+        raise ValueError(f"labels must hold integer class indices, got dtype {labels.dtype}.")
+    return labels
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if batch_size == 0 or int(batch_size) != batch_size:
+        raise ValueError(f"batch_size must be a positive integer, or negative for 'all', got {batch_size!r}.")
+
+
+def group_by_class(labels: np.ndarray) -> ClassGroups:
+    """Group the indices of `labels` (n,) by class, once (a stable sort: the same result on every machine)."""
+    labels = _check_labels(labels)
+    order = np.argsort(labels, kind="stable")                   # (n,)
+    sorted_labels = labels[order]                               # (n,)
+    is_boundary = np.ones(labels.size + 1, dtype=bool)          # (n + 1,) True where a class begins, and at n
+    np.not_equal(sorted_labels[1:], sorted_labels[:-1], out=is_boundary[1:-1])
+    boundaries = np.flatnonzero(is_boundary)                    # (n_classes + 1,)
+    return ClassGroups(order, boundaries[:-1], boundaries[1:] - boundaries[:-1])
+
+
+def sample_from_groups(groups: ClassGroups, batch_size: int, rng: np.random.Generator,
+                       class_balancing: bool = True) -> np.ndarray:
+    """(batch_size,) indices drawn with replacement from grouped candidates; batch_size < 0: all of them, in order.
+
+    class_balancing=True: a present class uniformly, then an image of it uniformly (retrain.py).
+    class_balancing=False: an image uniformly, P(i) = 1 / n.
+    """
+    _check_batch_size(batch_size)
+    order, start, count = groups
+    if batch_size < 0:
+        return np.arange(order.size)
+    if not class_balancing:
+        return rng.integers(0, order.size, size=int(batch_size))  # (batch,) each in [0, n - 1]
+    # One call to the generator for both choices. u < 1, so floor(u * k) is in [0, k - 1] (float64
+    # rounding cannot reach k for any k < 2**53).
+    u = rng.random((2, int(batch_size)))                        # (2, batch)
+    drawn_class = (u[0] * start.size).astype(np.intp)           # (batch,) position in the present classes
+    offset_in_class = (u[1] * count[drawn_class]).astype(np.intp)  # (batch,) which image of that class
+    return order[start[drawn_class] + offset_in_class]          # (batch,) indices into labels
 
 
 def sample_batch(labels: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -29,28 +90,13 @@ def sample_batch(labels: np.ndarray, batch_size: int, rng: np.random.Generator) 
     classes present in `labels` are drawn. batch_size < 0 means "all": returns np.arange(n).
     Returns (batch_size,) int indices, drawn with replacement.
     """
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.size == 0:
-        raise ValueError(f"labels must be a non-empty 1-D array of class indices, got shape {labels.shape}.")
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must hold integer class indices, got dtype {labels.dtype}.")
-    if batch_size == 0 or int(batch_size) != batch_size:
-        raise ValueError(f"batch_size must be a positive integer, or negative for 'all', got {batch_size!r}.")
-    if batch_size < 0:
-        return np.arange(labels.size)
+    return sample_from_groups(group_by_class(labels), batch_size, rng)
 
-    # Group candidates by class: order[start[k] : start[k] + count[k]] are the candidates of the k-th class.
-    order = np.argsort(labels, kind="stable")                   # (n,) stable: same result on every machine
-    sorted_labels = labels[order]                               # (n,)
-    is_boundary = np.ones(labels.size + 1, dtype=bool)          # (n + 1,) True where a class begins, and at n
-    np.not_equal(sorted_labels[1:], sorted_labels[:-1], out=is_boundary[1:-1])
-    boundaries = np.flatnonzero(is_boundary)                    # (n_classes + 1,)
-    start = boundaries[:-1]                                     # (n_classes,)
-    count = boundaries[1:] - boundaries[:-1]                    # (n_classes,) >= 1
 
-    # One call to the generator for both choices. u < 1, so floor(u * k) is in [0, k - 1] (float64
-    # rounding cannot reach k for any k < 2**53).
-    u = rng.random((2, int(batch_size)))                        # (2, batch)
-    drawn_class = (u[0] * start.size).astype(np.intp)           # (batch,) position in the present classes
-    offset_in_class = (u[1] * count[drawn_class]).astype(np.intp)  # (batch,) which image of that class
-    return order[start[drawn_class] + offset_in_class]          # (batch,) indices into labels
+def uniform_batch(labels: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of one batch drawn uniformly over all images, with replacement ("class balancing off").
+
+    P(image i) = 1 / n, so P(class c) = n_c / n: the batch has the class frequencies of the data.
+    batch_size < 0 means "all": np.arange(n), as sample_batch.
+    """
+    return sample_from_groups(group_by_class(labels), batch_size, rng, class_balancing=False)

@@ -122,10 +122,17 @@ def gradients(
     """
     _check_layer(bottlenecks, weights, biases)
     labels = np.asarray(labels)
-    batch = bottlenecks.shape[0]
-    if batch == 0:
+    if bottlenecks.shape[0] == 0:
         raise ValueError("bottlenecks must hold at least one row; the loss of an empty batch is undefined.")
-    _check_labels(labels, batch, weights.shape[1])
+    _check_labels(labels, bottlenecks.shape[0], weights.shape[1])
+    return unchecked_gradients(bottlenecks, labels, weights, biases)
+
+
+def unchecked_gradients(
+    bottlenecks: np.ndarray, labels: np.ndarray, weights: np.ndarray, biases: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """gradients() without its input checks: the training loop checks its data once, then calls this 4000 times."""
+    batch = bottlenecks.shape[0]
     rows = np.arange(batch)                                     # (B,)
 
     logits = bottlenecks @ weights                              # (B, D) @ (D, K) -> (B, K)

@@ -14,7 +14,7 @@ not even read the test bottlenecks until the winner is fixed.
 class balancing, i.e. how each training batch is drawn:
     on   retrain.py's sampler (sampling.sample_batch): a class uniformly, then one of its images. Every class weighs
          the same in the loss however rare it is (1000 normal vs 10 tuberculosis still gives ~50% / ~50%).
-    off  every training image equally likely (uniform_batch): batches mirror the class frequencies, so the layer also
+    off  every training image equally likely (sampling.uniform_batch): batches mirror the class frequencies, so the layer also
          learns how common each class is: often higher accuracy on equally imbalanced data, fewer rare-class finds.
 """
 
@@ -33,43 +33,22 @@ from mini_retrain.atomic_write import write_bytes_atomically
 from mini_retrain.crossval import check_output_json
 from mini_retrain.metrics import evaluate, format_evaluation, wilson_interval
 from mini_retrain.retrain import Dataset, RetrainSettings, load_dataset
-from mini_retrain.sampling import sample_batch
 from mini_retrain.softmax_layer import compute_logits, cross_entropy, softmax
 from mini_retrain.train import FinalLayer, train_final_layer
 
-Sampler = Callable[[np.ndarray, int, np.random.Generator], np.ndarray]  # (labels, batch_size, rng) -> indices
-
-
-def uniform_batch(labels: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of one batch drawn uniformly over all images, with replacement ("class balancing off").
-
-    P(image i) = 1 / n, so P(class c) = n_c / n: the batch has the class frequencies of the data.
-    batch_size < 0 means "all": np.arange(n), as sample_batch.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.size == 0:
-        raise ValueError(f"labels must be a non-empty 1-D array of class indices, got shape {labels.shape}.")
-    if batch_size == 0 or int(batch_size) != batch_size:
-        raise ValueError(f"batch_size must be a positive integer, or negative for 'all', got {batch_size!r}.")
-    if batch_size < 0:
-        return np.arange(labels.size)
-    return rng.integers(0, labels.size, size=int(batch_size))  # (batch,) each in [0, n - 1]
-
-
 def train_layer(bottlenecks: np.ndarray, labels: np.ndarray, class_count: int, rng: np.random.Generator,
                 how_many_training_steps: int = 4000, learning_rate: float = 0.01, train_batch_size: int = 100,
-                sample: Sampler = sample_batch) -> FinalLayer:
-    """train.py's loop, without its log lines, with the batch sampler as a parameter.
+                class_balancing: bool = True) -> FinalLayer:
+    """train.py's loop without its log lines and validation: one setting of the grid.
 
-    bottlenecks (n, D), labels (n,). Each step: batch = sample(labels, train_batch_size, rng), then one gradient
-    descent step on the batch's mean cross-entropy. With sample=sample_batch and the same rng this is exactly
-    train.train_final_layer (the same random numbers are drawn in the same order).
+    bottlenecks (n, D), labels (n,). Each step: a batch (class-balanced or uniform over images, see
+    sampling.py), then one gradient descent step on the batch's mean cross-entropy.
     """
     no_validation = np.zeros((0, bottlenecks.shape[1]), np.float32), np.zeros(0, np.int64)
     layer, _ = train_final_layer(bottlenecks, labels, *no_validation, class_count, rng,
                                  how_many_training_steps=how_many_training_steps, learning_rate=learning_rate,
                                  train_batch_size=train_batch_size, eval_step_interval=how_many_training_steps,
-                                 log=lambda line: None, sample=sample)
+                                 log=lambda line: None, class_balancing=class_balancing)
     return layer
 
 
@@ -113,7 +92,7 @@ def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: l
         # sampler, the same batches, so the settings differ only in what the grid changes.
         rng = np.random.default_rng(random_seed)
         layer = train_layer(train_x, train_y, len(dataset.labels), rng, steps, learning_rate, train_batch_size,
-                            sample_batch if balanced else uniform_batch)
+                            balanced)
         accuracy, validation_cross_entropy = _validation_row(layer, validation_x, validation_y)
         rows.append({"learning_rate": learning_rate, "training_steps": steps,
                      "class_balancing": "on" if balanced else "off", "validation_accuracy": accuracy,
@@ -125,6 +104,9 @@ def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: l
     chosen = rows[best]
     log(f"Chosen on validation only (highest accuracy; ties: lowest cross-entropy): learning_rate "
         f"{chosen['learning_rate']:g}, {chosen['training_steps']} steps, class balancing {chosen['class_balancing']}")
+    log(f"To retrain with these settings: mini_retrain retrain --image_dir DIR --learning_rate {chosen['learning_rate']:g} "
+        f"--how_many_training_steps {chosen['training_steps']} --class_balancing {chosen['class_balancing']} "
+        f"--train_batch_size {train_batch_size} --random_seed {random_seed}")
 
     # Only now, with the winner fixed, are the test images read: once, for one setting.
     test_x, test_y, _ = dataset.split("testing")

@@ -21,8 +21,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mini_retrain.sampling import sample_batch
-from mini_retrain.softmax_layer import compute_logits, cross_entropy, gradient_descent_step, gradients, init_final_layer
+from mini_retrain.sampling import group_by_class, sample_from_groups
+from mini_retrain.softmax_layer import (
+    compute_logits, cross_entropy, gradient_descent_step, init_final_layer, unchecked_gradients)
 
 
 class FinalLayer(NamedTuple):
@@ -51,14 +52,15 @@ def train_final_layer(
     log: Callable[[str], None] = print,
     distorted_bottlenecks: Callable[[np.ndarray], np.ndarray] | None = None,
     on_step: Callable[[int, FinalLayer], None] | None = None,
-    sample: Callable[[np.ndarray, int, np.random.Generator], np.ndarray] = sample_batch,
+    class_balancing: bool = True,
 ) -> tuple[FinalLayer, list[dict]]:
     """Train the final layer; return it and the per-evaluation history (dicts, one per logged step).
 
     train_bottlenecks (n, D) float32 with train_labels (n,) int; validation likewise (may be empty).
     distorted_bottlenecks(indices) -> (batch, D), when given, supplies the training batch instead of the cache.
     on_step(step, layer) is called after every step (for intermediate graphs).
-    sample(labels, batch_size, rng) picks each training batch: retrain.py's class-first sample_batch by default.
+    class_balancing: True draws each batch as retrain.py does (a class uniformly, then one of its images:
+    sampling.sample_batch); False draws every image with the same probability (sampling.uniform_batch).
     """
     if how_many_training_steps < 1:
         raise ValueError(f"--how_many_training_steps must be at least 1, got {how_many_training_steps}")
@@ -71,11 +73,25 @@ def train_final_layer(
     layer = FinalLayer(*init_final_layer(train_bottlenecks.shape[1], class_count, rng))
     history: list[dict] = []
 
+    # Done once, not at every step: the class grouping of the labels and the input checks of
+    # softmax_layer.gradients (the loop calls its unchecked core, unchecked_gradients).
+    train_labels, validation_labels = np.asarray(train_labels), np.asarray(validation_labels)
+    if train_bottlenecks.ndim != 2 or train_labels.shape != (len(train_bottlenecks),):
+        raise ValueError(f"train_bottlenecks (n, D) and train_labels (n,) must match, got shapes "
+                         f"{train_bottlenecks.shape} and {train_labels.shape}")
+    if train_labels.dtype.kind not in "iu" or train_labels.min() < 0 or train_labels.max() >= class_count:
+        raise ValueError(f"train_labels must be class indices in [0, {class_count - 1}]")
+    train_groups = group_by_class(train_labels)
+    validation_groups = group_by_class(validation_labels) if len(validation_labels) else None
+
     for step in range(how_many_training_steps):
-        batch = sample(train_labels, train_batch_size, rng)  # (batch,) indices
-        x = distorted_bottlenecks(batch) if distorted_bottlenecks else train_bottlenecks[batch]  # (batch, D)
+        batch = sample_from_groups(train_groups, train_batch_size, rng, class_balancing)  # (batch,) indices
+        if distorted_bottlenecks is not None:
+            x = distorted_bottlenecks(batch)  # (batch, D): the backbone on freshly distorted images
+        else:
+            x = train_bottlenecks[batch]  # (batch, D) gathered rows
         y = train_labels[batch]  # (batch,)
-        d_weights, d_biases, _ = gradients(x, y, layer.weights, layer.biases)
+        d_weights, d_biases, _ = unchecked_gradients(x, y, layer.weights, layer.biases)
         gradient_descent_step(layer.weights, layer.biases, d_weights, d_biases, learning_rate)
         if on_step is not None:
             on_step(step, layer)
@@ -92,7 +108,7 @@ def train_final_layer(
             log(f"Step {step}: Train accuracy = {row['train_accuracy'] * 100:.1f}%")
             log(f"Step {step}: Cross entropy = {row['cross_entropy']:f}")
             if len(validation_labels):
-                chosen = sample_batch(validation_labels, validation_batch_size, rng)
+                chosen = sample_from_groups(validation_groups, validation_batch_size, rng)
                 row["validation_accuracy"] = accuracy(layer, validation_bottlenecks[chosen], validation_labels[chosen])
                 row["validation_n"] = int(len(chosen))
                 log(f"Step {step}: Validation accuracy = {row['validation_accuracy'] * 100:.1f}% (N={len(chosen)})")

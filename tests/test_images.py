@@ -1,7 +1,7 @@
 """Tests for mini_retrain.images: every pixel mode, every failure, the backbone input, fuzzing.
 
 All images are made here with Pillow/NumPy; expected pixel values are worked out by hand
-from the rules in images._to_rgb's docstring.
+from the rules in images._to_8bit's docstring.
 """
 
 import contextlib
@@ -450,9 +450,10 @@ def test_resize_for_backbone_antialiases_when_shrinking():
     assert abs(interior.mean() - 63.75) < 3
 
 
-def test_resize_for_backbone_wants_rgb():
-    with pytest.raises(ValueError, match="RGB"):
-        resize_for_backbone(Image.new("L", (20, 20)))
+@pytest.mark.parametrize("mode", ["I;16", "RGBA", "F"])
+def test_resize_for_backbone_wants_rgb_or_gray(mode):
+    with pytest.raises(ValueError, match="RGB or L"):
+        resize_for_backbone(Image.new(mode, (20, 20)))
 
 
 def test_to_backbone_input_values_and_layout():
@@ -524,3 +525,35 @@ def test_file_sha1_missing_file(tmp_path):
 def test_image_extensions():
     assert set(IMAGE_EXTENSIONS) == {".jpg", ".jpeg", ".png", ".dcm"}
     assert all(extension == extension.lower() for extension in IMAGE_EXTENSIONS)
+
+
+# ---------------------------------------------------------------- keep_gray: the pipeline's one-channel path
+
+GRAY_FILMS = {  # name -> (image, format): every grey kind read_image meets, big enough for a real downscale
+    "gray.png": (Image.fromarray(RNG.integers(0, 256, size=(500, 700), dtype=np.uint8)), "PNG"),
+    "gray.jpg": (Image.fromarray(RNG.integers(0, 256, size=(500, 700), dtype=np.uint8)), "JPEG"),
+    "twelve_in_16.png": (Image.fromarray(RNG.integers(0, 4096, size=(500, 700)).astype(np.uint16)), "PNG"),
+    "one_bit.png": (Image.fromarray(RNG.integers(0, 2, size=(500, 700)).astype(bool)), "PNG"),
+    "gray_alpha.png": (Image.fromarray(RNG.integers(0, 256, size=(500, 700, 2), dtype=np.uint8), "LA"), "PNG"),
+    "int32.tif": (Image.fromarray(RNG.integers(0, 2**18, size=(500, 700)).astype(np.int32)), "TIFF"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GRAY_FILMS))
+def test_keep_gray_gives_the_network_exactly_the_same_pixels(tmp_path, name):
+    image, format = GRAY_FILMS[name]
+    path = save(image, tmp_path / name, format)
+    gray = read_image(path, keep_gray=True)
+    assert gray.mode == "L"
+    np.testing.assert_array_equal(np.asarray(gray), np.asarray(read_image(path))[:, :, 0])
+    one_channel = resize_for_backbone(gray)  # resized once, then copied to 3 channels
+    three_channels = resize_for_backbone(read_image(path))  # the RGB copy resized
+    assert one_channel.shape == three_channels.shape == (INPUT_SIZE, INPUT_SIZE, 3)
+    np.testing.assert_array_equal(one_channel, three_channels)
+
+
+def test_keep_gray_leaves_colour_images_in_colour(tmp_path):
+    path = save(Image.fromarray(RGB_ARRAY), tmp_path / "rgb.png")
+    image = read_image(path, keep_gray=True)
+    assert image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(image), RGB_ARRAY)

@@ -112,6 +112,20 @@ def test_label_json_and_folder_input(trained, capsys):
     assert all(isinstance(r["out_of_distribution"], bool) for r in results)
 
 
+def test_label_json_stdout_stays_json_when_cuda_is_missing(trained, capsys):
+    """CI has no GPU: asking for CUDA falls back to the CPU with a WARNING on stderr; stdout is only the JSON."""
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has CUDA, so there is no fallback to see")
+    folder, _ = trained
+    assert main(["label", "--graph", str(folder / "graph.onnx"), "--image", str(CAT), "--json",
+                 "--device", "cuda"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)[0]["image"] == str(CAT)
+    assert "WARNING: CUDA was asked for" in captured.err and "using the CPU" in captured.err
+
+
 def test_label_refuses_labels_file_that_does_not_match(trained, tmp_path, capsys):
     folder, _ = trained
     wrong = tmp_path / "labels.txt"
@@ -194,3 +208,23 @@ def test_help_of_every_subcommand_shows_defaults(capsys):
         assert exit_code.value.code == 0
     out = capsys.readouterr().out
     assert "(default: 4000)" in out and "(default: 0.01)" in out and "(default: final_result)" in out
+
+
+@pytest.mark.parametrize("flag, expected", [("on", True), ("off", False)])
+def test_class_balancing_flag_reaches_the_training_loop(trained, monkeypatch, flag, expected, real_backbone_path):
+    import mini_retrain.retrain as retrain_module
+
+    seen = {}
+    real_loop = retrain_module.train_final_layer
+
+    def recording_loop(*args, **kwargs):
+        seen["class_balancing"] = kwargs["class_balancing"]
+        return real_loop(*args, **kwargs)
+
+    monkeypatch.setattr(retrain_module, "train_final_layer", recording_loop)
+    folder, _ = trained
+    assert main(["retrain", "--image_dir", str(folder / "images"), "--backbone", str(real_backbone_path),
+                 "--bottleneck_dir", str(folder / "bottlenecks"), "--output_graph", str(folder / f"{flag}.onnx"),
+                 "--output_labels", str(folder / f"{flag}.txt"), "--how_many_training_steps", "5",
+                 "--class_balancing", flag, "--device", "cpu"]) == 0
+    assert seen == {"class_balancing": expected}

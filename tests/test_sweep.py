@@ -12,9 +12,9 @@ import pytest
 import mini_retrain.sweep as sweep_module
 from mini_retrain.cli import main
 from mini_retrain.retrain import Dataset
-from mini_retrain.sampling import sample_batch
+from mini_retrain.sampling import sample_batch, uniform_batch
 from mini_retrain.softmax_layer import softmax
-from mini_retrain.sweep import choose_setting, grid_search, parse_grid, train_layer, uniform_batch
+from mini_retrain.sweep import choose_setting, grid_search, parse_grid, train_layer
 from mini_retrain.train import train_final_layer
 from tests.conftest import DEMO_DATA
 
@@ -49,19 +49,19 @@ def test_uniform_batch_all_and_bad_sizes():
 def test_train_layer_with_retrains_sampler_is_train_final_layer():
     rng = np.random.default_rng(1)
     x, y = rng.standard_normal((50, 16)).astype(np.float32), rng.integers(0, 3, 50)
-    ours = train_layer(x, y, 3, np.random.default_rng(4), 120, 0.05, 10, sample_batch)
+    ours = train_layer(x, y, 3, np.random.default_rng(4), 120, 0.05, 10, class_balancing=True)
     theirs, _ = train_final_layer(x, y, np.empty((0, 16)), np.empty(0, np.int64), 3, np.random.default_rng(4),
                                   120, 0.05, 10, log=quiet)
     np.testing.assert_array_equal(ours.weights, theirs.weights)
     np.testing.assert_array_equal(ours.biases, theirs.biases)
 
 
-@pytest.mark.parametrize("sample, expected_p1", [(uniform_batch, 0.1), (sample_batch, 0.5)])
-def test_with_no_signal_the_layer_learns_the_class_frequency_of_its_batches(sample, expected_p1):
+@pytest.mark.parametrize("class_balancing, expected_p1", [(False, 0.1), (True, 0.5)])
+def test_with_no_signal_the_layer_learns_the_class_frequency_of_its_batches(class_balancing, expected_p1):
     """Bottlenecks all 0: logits = biases, and the loss is minimised where softmax(biases) equals the class
     frequencies of the batches: 10% for uniform sampling of a 90/10 set, 50% for class-balanced sampling."""
     labels = np.array([0] * 90 + [1] * 10)
-    layer = train_layer(np.zeros((100, 1)), labels, 2, np.random.default_rng(0), 3000, 0.5, 100, sample)
+    layer = train_layer(np.zeros((100, 1)), labels, 2, np.random.default_rng(0), 3000, 0.5, 100, class_balancing)
     assert softmax(layer.biases)[1] == pytest.approx(expected_p1, abs=0.04)
 
 
@@ -199,6 +199,15 @@ def test_sweep_cli_on_the_demo_xrays(tmp_path, real_backbone_path, capsys):
     assert re.search(r"^Chosen on validation only .*: learning_rate [\d.]+, \d+ steps, class balancing (on|off)$",
                      text, re.M)
     assert re.search(r"^Final test accuracy = \d+\.\d% \(N=2, 95% CI [\d.]+-[\d.]+%\)$", text, re.M)
+    # The winner's retrain command is printed, and retrain accepts it as it stands (here with the test's folders).
+    command = re.search(r"^To retrain with these settings: mini_retrain (retrain --image_dir DIR .*)$", text, re.M)
+    winner_flags = command.group(1).split()[3:]
+    assert winner_flags[winner_flags.index("--class_balancing") + 1] in ("on", "off")
+    graph = tmp_path / "winner.onnx"
+    assert main(["retrain", "--image_dir", str(image_dir), *winner_flags, "--output_graph", str(graph),
+                 "--output_labels", str(tmp_path / "winner.txt"), "--backbone", str(real_backbone_path),
+                 "--device", "cpu", "--bottleneck_dir", str(tmp_path / "bottlenecks")]) == 0
+    assert graph.exists()
 
     result = json.loads(output.read_text())
     rows = result["settings"]
