@@ -85,9 +85,13 @@ def explain_image(model: RetrainedModel, weights: np.ndarray, biases: np.ndarray
             "bias": float(biases[class_index]), "cam_mean": float(cam.mean()), "cam": cam.tolist()}
 
 
-def explain_images(graph: Path, paths: list[Path], output_dir: Path, labels_file: Path | None = None,
+def explain_images(graph: Path, paths: list[Path], output: Path, labels_file: Path | None = None,
                    label: str | None = None, device: str = "auto", log: Callable[[str], None] = print) -> list[dict]:
-    """Heat maps for several images into output_dir/<image name>.cam.png, for the predicted or the chosen label."""
+    """Heat maps for the predicted or the chosen label.
+
+    One image and an output ending in .png: written to exactly that file. Otherwise output is a folder and each
+    image gets output/<image name>.cam.png. Each image's line also shows the identity mean(map) = logit - bias.
+    """
     model = load_retrained(graph, labels_file, device)
     weights, biases = final_weights(Path(graph))
     class_index = None
@@ -95,10 +99,12 @@ def explain_images(graph: Path, paths: list[Path], output_dir: Path, labels_file
         if label not in model.labels:
             raise ValueError(f"--label {label!r} is not one of the graph's labels {model.labels}")
         class_index = model.labels.index(label)
+    one_file = len(paths) == 1 and Path(output).suffix.lower() == ".png"
     results = []
     for path in paths:
-        output = Path(output_dir) / f"{Path(path).stem}.cam.png"
-        result = explain_image(model, weights, biases, Path(path), output, class_index)
-        log(f"{path}: {result['label']} (score = {result['score']:.5f}); heat map {output}")
+        target = Path(output) if one_file else Path(output) / f"{Path(path).stem}.cam.png"
+        result = explain_image(model, weights, biases, Path(path), target, class_index)
+        log(f"{path}: {result['label']} (score = {result['score']:.5f}); heat map {target}")
+        log(f"mean of the map = {result['cam_mean']:.5f} = logit - bias = {result['logit'] - result['bias']:.5f}")
         results.append(result)
     return results

@@ -20,13 +20,18 @@ def _backbone(args: argparse.Namespace) -> int:
     return 0
 
 
-def _retrain(args: argparse.Namespace) -> int:
-    from mini_retrain.retrain import RetrainSettings, retrain
+def _settings(args: argparse.Namespace, **overrides):
+    """RetrainSettings from the parsed flags that are among its fields (the others belong to the command itself)."""
+    from mini_retrain.retrain import RetrainSettings
 
-    fields = {f for f in RetrainSettings.__dataclass_fields__}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    values["class_balancing"] = args.class_balancing == "on"
-    retrain(RetrainSettings(**values))
+    fields = set(RetrainSettings.__dataclass_fields__)
+    return RetrainSettings(**{**{k: v for k, v in vars(args).items() if k in fields}, **overrides})
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from mini_retrain.retrain import retrain
+
+    retrain(_settings(args, class_balancing=args.class_balancing == "on"))
     return 0
 
 
@@ -37,8 +42,6 @@ def _label(args: argparse.Namespace) -> int:
 
     model = load_retrained(args.graph, args.labels, args.device)
     paths = image_paths(args.image)
-    if not paths:
-        raise ValueError(f"{args.image[0]}: no images found; pass image files or a folder of .jpg/.png/.dcm files")
     log = (lambda line: print(line, file=sys.stderr)) if args.json else print
     results = label_images(model, paths, args.num_top_predictions, log=log)
     if args.json:
@@ -61,28 +64,8 @@ def _explain(args: argparse.Namespace) -> int:
     from mini_retrain.label import image_paths
 
     paths = image_paths(args.image)
-    if not paths:
-        raise ValueError(f"{args.image[0]}: no images found; pass image files or a folder of .jpg/.png/.dcm files")
-    if len(paths) == 1 and args.output.suffix.lower() == ".png":
-        # One image, one named file: write exactly there.
-        from mini_retrain.cam import explain_image, final_weights
-        from mini_retrain.label import load_retrained
-
-        model = load_retrained(args.graph, args.labels, args.device)
-        weights, biases = final_weights(args.graph)
-        class_index = None if args.label is None else _label_index(model.labels, args.label)
-        result = explain_image(model, weights, biases, paths[0], args.output, class_index)
-        print(f"{paths[0]}: {result['label']} (score = {result['score']:.5f}); heat map {args.output}")
-        print(f"mean of the map = {result['cam_mean']:.5f} = logit - bias = {result['logit'] - result['bias']:.5f}")
-    else:
-        explain_images(args.graph, paths, args.output, args.labels, args.label, args.device)
+    explain_images(args.graph, paths, args.output, args.labels, args.label, args.device)
     return 0
-
-
-def _label_index(labels: list[str], label: str) -> int:
-    if label not in labels:
-        raise ValueError(f"--label {label!r} is not one of the graph's labels {labels}")
-    return labels.index(label)
 
 
 def _add_explain_parser(commands) -> None:
@@ -90,14 +73,34 @@ def _add_explain_parser(commands) -> None:
         "explain", help="heat map of what drove a prediction (class activation map)",
         description="Overlay the class activation map (the class score split over Inception v3's 8x8 grid) on the image.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--graph", type=Path, required=True, help="the retrained graph (.onnx)")
-    p.add_argument("--labels", type=Path, default=None, help="the labels file written with the graph (checked)")
-    p.add_argument("--image", nargs="+", required=True, help="image files or folders")
+    _add_graph_flags(p)
     p.add_argument("--output", type=Path, default=Path("heat_maps"),
                    help="a .png for one image, else a folder that receives <image>.cam.png files")
     p.add_argument("--label", default=None, help="explain this class instead of the predicted one")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where onnxruntime runs")
     p.set_defaults(run=_explain)
+
+
+def _add_graph_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the commands that read a retrained graph (label, explain)."""
+    parser.add_argument("--graph", type=Path, required=True, help="the retrained graph (.onnx)")
+    parser.add_argument("--labels", type=Path, default=None,
+                        help="the labels file written with the graph (checked against it)")
+    parser.add_argument("--image", nargs="+", required=True, help="image files or folders of images")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where onnxruntime runs: auto = CUDA when available, else CPU")
+
+
+def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the commands that read a folder of class subfolders (retrain, crossval, sweep)."""
+    parser.add_argument("--image_dir", type=Path, required=True, help="folder with one subfolder of images per class")
+    parser.add_argument("--bottleneck_dir", type=Path, default=None,
+                        help="bottleneck cache folder (default: ~/.cache/mini_retrain/bottlenecks; keyed by image "
+                        "content)")
+    parser.add_argument("--on_bad_image", choices=("skip", "error"), default="skip",
+                        help="an unreadable image: skip it with a message, or stop")
+    parser.add_argument("--positive_label", default=None,
+                        help="the class counted as positive for sensitivity/specificity/ROC "
+                        "(default: abnormal/tb/pneumonia/... when present)")
 
 
 def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +115,7 @@ def _add_retrain_parser(commands) -> None:
         "retrain", help="retrain the final layer on a folder of class subfolders (retrain.py)",
         description="Retrain the final layer of Inception v3 on --image_dir (one subfolder per class), "
         "with retrain.py's flags and log lines.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image_dir", type=Path, required=True, help="folder with one subfolder of images per class")
+    _add_dataset_flags(p)
     p.add_argument("--output_graph", type=Path, default=Path("retrained_graph.onnx"),
                    help="where to write the retrained graph: ONE ONNX file, backbone + final layer + softmax")
     p.add_argument("--output_labels", type=Path, default=Path("retrained_labels.txt"),
@@ -133,8 +136,6 @@ def _add_retrain_parser(commands) -> None:
                    help="validation images per evaluation; -1 = the whole validation set")
     p.add_argument("--print_misclassified_test_images", action="store_true",
                    help="list the test images the model gets wrong")
-    p.add_argument("--bottleneck_dir", type=Path, default=None,
-                   help="bottleneck cache folder (default: ~/.cache/mini_retrain/bottlenecks; keyed by image content)")
     p.add_argument("--final_tensor_name", default="final_result", help="name of the output probabilities in the graph")
     p.add_argument("--flip_left_right", action="store_true", help="randomly mirror training images horizontally")
     p.add_argument("--random_crop", type=float, default=0.0, help="percentage margin to randomly crop off")
@@ -149,11 +150,6 @@ def _add_retrain_parser(commands) -> None:
     p.add_argument("--class_balancing", choices=("on", "off"), default="on",
                    help="on = each training image is drawn by class first, then an image of it (retrain.py); "
                    "off = every training image equally likely (try both with `mini_retrain sweep`)")
-    p.add_argument("--on_bad_image", choices=("skip", "error"), default="skip",
-                   help="an unreadable image: skip it with a message, or stop")
-    p.add_argument("--positive_label", default=None,
-                   help="the class counted as positive for sensitivity/specificity/ROC "
-                   "(default: abnormal/tb/pneumonia/... when present)")
     p.add_argument("--report", type=Path, default=None,
                    help="write learning curves, ROC, confusion matrix and reliability plots with an index.html here "
                    "(plots need mini_retrain[report], i.e. matplotlib)")
@@ -169,12 +165,9 @@ def _add_label_parser(commands) -> None:
         description="Print the top predictions for each image, highest first, as label_image did, "
         "with a warning for images unlike the training images.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--graph", type=Path, required=True, help="the retrained graph (.onnx)")
-    p.add_argument("--labels", type=Path, default=None, help="the labels file written with the graph (checked)")
-    p.add_argument("--image", nargs="+", required=True, help="image files or folders of images")
+    _add_graph_flags(p)
     p.add_argument("--num_top_predictions", type=int, default=5, help="how many predictions to show per image")
     p.add_argument("--json", action="store_true", help="print JSON for scripts instead of text")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where onnxruntime runs")
     p.set_defaults(run=_label)
 
 
@@ -219,10 +212,8 @@ def _add_prepare_parser(commands) -> None:
 
 def _crossval(args: argparse.Namespace) -> int:
     from mini_retrain.crossval import crossval
-    from mini_retrain.retrain import RetrainSettings
 
-    fields = {f for f in RetrainSettings.__dataclass_fields__}
-    crossval(RetrainSettings(**{k: v for k, v in vars(args).items() if k in fields}), args.folds, args.output_json)
+    crossval(_settings(args), args.folds, args.output_json)
     return 0
 
 
@@ -232,19 +223,12 @@ def _add_crossval_parser(commands) -> None:
         description="Stratified K-fold cross-validation on the cached bottlenecks of every image in --image_dir "
         "(the hash split is ignored; _nohash_ groups stay in one fold): per-fold and pooled metrics.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image_dir", type=Path, required=True, help="folder with one subfolder of images per class")
+    _add_dataset_flags(p)
     p.add_argument("--folds", type=int, default=5, help="number of folds K (each image is held out once)")
     p.add_argument("--how_many_training_steps", type=int, default=4000, help="training steps per fold")
     p.add_argument("--learning_rate", type=float, default=0.01, help="gradient descent learning rate")
     p.add_argument("--train_batch_size", type=int, default=100, help="images per training step")
-    p.add_argument("--bottleneck_dir", type=Path, default=None,
-                   help="bottleneck cache folder (default: ~/.cache/mini_retrain/bottlenecks; keyed by image content)")
     p.add_argument("--random_seed", type=int, default=0, help="seed for the folds, initial weights and batches")
-    p.add_argument("--on_bad_image", choices=("skip", "error"), default="skip",
-                   help="an unreadable image: skip it with a message, or stop")
-    p.add_argument("--positive_label", default=None,
-                   help="the class counted as positive for sensitivity/specificity/ROC "
-                   "(default: abnormal/tb/pneumonia/... when present)")
     p.add_argument("--output_json", type=Path, default=Path("crossval.json"),
                    help="where to write per-fold and pooled metrics and every out-of-fold prediction")
     _add_backbone_flags(p)
@@ -252,12 +236,10 @@ def _add_crossval_parser(commands) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from mini_retrain.retrain import RetrainSettings
     from mini_retrain.sweep import parse_grid, sweep
 
-    fields = {f for f in RetrainSettings.__dataclass_fields__}
     grid = parse_grid(args.learning_rates, args.training_steps, args.class_balancing)
-    sweep(RetrainSettings(**{k: v for k, v in vars(args).items() if k in fields}), *grid, args.output_json)
+    sweep(_settings(args, class_balancing=True), *grid, args.output_json)  # the grid decides the balancing
     return 0
 
 
@@ -267,7 +249,7 @@ def _add_sweep_parser(commands) -> None:
         description="Train the final layer for every setting of the grid on the training split, choose the one "
         "with the best validation accuracy (ties: lower validation cross-entropy), then test it once.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--image_dir", type=Path, required=True, help="folder with one subfolder of images per class")
+    _add_dataset_flags(p)
     p.add_argument("--learning_rates", default="0.001,0.01,0.1", help="comma-separated learning rates")
     p.add_argument("--training_steps", default="500,4000", help="comma-separated numbers of training steps")
     p.add_argument("--class_balancing", default="off,on",
@@ -276,14 +258,7 @@ def _add_sweep_parser(commands) -> None:
     p.add_argument("--testing_percentage", type=float, default=10.0, help="percentage of images used as a test set")
     p.add_argument("--validation_percentage", type=float, default=10.0,
                    help="percentage of images used as a validation set (the settings are chosen on it)")
-    p.add_argument("--bottleneck_dir", type=Path, default=None,
-                   help="bottleneck cache folder (default: ~/.cache/mini_retrain/bottlenecks; keyed by image content)")
     p.add_argument("--random_seed", type=int, default=0, help="seed for initial weights and batch sampling")
-    p.add_argument("--on_bad_image", choices=("skip", "error"), default="skip",
-                   help="an unreadable image: skip it with a message, or stop")
-    p.add_argument("--positive_label", default=None,
-                   help="the class counted as positive for sensitivity/specificity/ROC "
-                   "(default: abnormal/tb/pneumonia/... when present)")
     p.add_argument("--output_json", type=Path, default=Path("sweep.json"),
                    help="where to write every setting's validation results and the winner's test metrics")
     _add_backbone_flags(p)

@@ -64,7 +64,9 @@ def load_retrained(graph: str | Path, labels_file: str | Path | None = None, dev
 
 
 def image_paths(inputs: list[str | Path]) -> list[Path]:
-    """Files as given; folders expanded to the image files inside them (sorted, hidden files skipped)."""
+    """Files as given; folders expanded to the image files inside them (sorted, hidden files skipped).
+
+    Nothing at all (only empty folders) is a ValueError: a command given no image has nothing to do."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -72,6 +74,9 @@ def image_paths(inputs: list[str | Path]) -> list[Path]:
                                 and not any(part.startswith(".") for part in p.relative_to(item).parts)))
         else:
             paths.append(item)
+    if not paths:
+        raise ValueError(f"{inputs[0] if inputs else '--image'}: no images found; "
+                         "pass image files or a folder of .jpg/.png/.dcm files")
     return paths
 
 

@@ -57,3 +57,15 @@ def tiny_backbone(tmp_path) -> Path:
                "spatial_shape": [4, 8, 8]}
     path.with_suffix(".json").write_text(json.dumps(sidecar))
     return path
+
+
+def read_or_bad(path) -> None:
+    """read_image's whole contract on a hostile file: an RGB image or a BadImageError that names the file."""
+    from mini_retrain.images import BadImageError, read_image
+
+    try:
+        image = read_image(path)
+    except BadImageError as error:
+        assert str(path) in str(error)
+        return
+    assert image.mode == "RGB" and min(image.size) >= 8

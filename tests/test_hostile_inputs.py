@@ -409,3 +409,13 @@ def test_label_refuses_graphs_and_labels_that_are_not_ours(hostile, tmp_path):
     for bad_labels in (tmp_path / "missing.txt", tmp_path):
         assert_one_line_error(*run_cli(["label", "--graph", graph, "--labels", bad_labels, "--image", image,
                                         "--device", "cpu"]), f"{bad_labels}: cannot read the labels file")
+
+
+@pytest.mark.parametrize("command", ["label", "explain"])
+def test_label_and_explain_on_a_folder_without_images(hostile, tmp_path, command):
+    _, folder, _, _, _ = hostile
+    empty = tmp_path / "nothing_here"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images\n")
+    assert_one_line_error(*run_cli([command, "--graph", folder / "out" / "graph.onnx", "--image", empty]),
+                          f"{empty}: no images found; pass image files or a folder")

@@ -28,6 +28,7 @@ from mini_retrain.images import (
     resize_for_backbone,
     to_backbone_input,
 )
+from tests.conftest import read_or_bad
 
 
 def save(image: Image.Image, path, format=None, **params):
@@ -389,16 +390,6 @@ FUZZ_SETTINGS = settings(max_examples=150, deadline=5000,
                          suppress_health_check=[HealthCheck.function_scoped_fixture])
 SEED_FILES = [png_bytes(Image.fromarray(RGB_ARRAY)), jpeg_bytes(Image.fromarray(RGB_ARRAY)),
               png_bytes(Image.fromarray((GRAY_ARRAY.astype(np.uint16) * 16)))]
-
-
-def read_or_bad(path) -> None:
-    """read_image's whole contract on a hostile file: an RGB image or a BadImageError."""
-    try:
-        image = read_image(path)
-    except BadImageError as error:
-        assert str(path) in str(error)
-        return
-    assert image.mode == "RGB" and min(image.size) >= 8
 
 
 @FUZZ_SETTINGS
