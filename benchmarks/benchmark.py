@@ -346,7 +346,7 @@ def measure_sgemm(size: int, repeats: int, unset_openblas: bool, with_torch: boo
 
 def decode_one(path: Path, sidecar: dict, fast: bool = False) -> np.ndarray:
     """What get_bottlenecks' decode threads do for one file: read, resize, scale -> (3, 299, 299) float32."""
-    return backbone_input(read_image(path, fast=fast) if fast else read_image(path), sidecar)
+    return backbone_input(read_image(path, fast=fast, keep_gray=True), sidecar)
 
 
 def decode_rates(paths: list[Path], sidecar: dict, workers: int, fast: bool = False) -> dict:
