@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
@@ -91,6 +92,7 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
     rng = np.random.default_rng(settings.random_seed)
     distorted = _distorted_bottlenecks(settings, backbone, train_files, rng) if _wants_distortions(settings) else None
     on_step = _intermediate_writer(settings, backbone, labels, log) if settings.intermediate_store_frequency > 0 else None
+    started = time.perf_counter()
     layer, history = train_final_layer(
         train_x, train_y, validation_x, validation_y, len(labels), rng,
         how_many_training_steps=settings.how_many_training_steps, learning_rate=settings.learning_rate,
@@ -98,6 +100,8 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
         eval_step_interval=settings.eval_step_interval, log=log, distorted_bottlenecks=distorted, on_step=on_step,
         class_balancing=settings.class_balancing,
     )
+    log(f"Trained {settings.how_many_training_steps} steps in {time.perf_counter() - started:.2f} s "
+        f"({len(train_y)} training images, batch {settings.train_batch_size})")
 
     # 5. Test, once, on images the training never saw.
     if len(test_y):

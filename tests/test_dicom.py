@@ -231,6 +231,7 @@ FUZZ_SETTINGS = settings(max_examples=100, deadline=5000,
                          suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")  # pydicom warns about the garbled tags we make on purpose
 @FUZZ_SETTINGS
 @given(flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7)),
                       min_size=1, max_size=6),

@@ -57,6 +57,8 @@ def test_retrain_prints_retrain_py_lines(trained):
     assert re.search(r"^Final test accuracy = \d+\.\d% \(N=\d+, 95% CI \d+\.\d-\d+\.\d%\)$", text, re.M)
     assert "=== MISCLASSIFIED TEST IMAGES ===" in text
     assert "Found 16 images in 2 classes: normal (8), pneumonia (8)" in text
+    # retrain.py's 25% / 25% hash split of these 16 names leaves 10 training images (split.py, tested there)
+    assert re.search(r"^Trained 60 steps in \d+\.\d\d s \(10 training images, batch 16\)$", text, re.M)
 
 
 def test_retrain_writes_graph_labels_weights_metrics_and_summaries(trained):
