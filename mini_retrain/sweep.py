@@ -104,9 +104,6 @@ def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: l
     chosen = rows[best]
     log(f"Chosen on validation only (highest accuracy; ties: lowest cross-entropy): learning_rate "
         f"{chosen['learning_rate']:g}, {chosen['training_steps']} steps, class balancing {chosen['class_balancing']}")
-    log(f"To retrain with these settings: mini_retrain retrain --image_dir DIR --learning_rate {chosen['learning_rate']:g} "
-        f"--how_many_training_steps {chosen['training_steps']} --class_balancing {chosen['class_balancing']} "
-        f"--train_batch_size {train_batch_size} --random_seed {random_seed}")
 
     # Only now, with the winner fixed, are the test images read: once, for one setting.
     test_x, test_y, _ = dataset.split("testing")
@@ -188,6 +185,11 @@ def sweep(settings: RetrainSettings, learning_rates: list[float], training_steps
                            bottleneck_dir=settings.bottleneck_dir, on_bad_image=settings.on_bad_image, log=log)
     result = grid_search(dataset, learning_rates, training_steps, class_balancing, settings.random_seed,
                          settings.train_batch_size, settings.positive_label, log)
+    chosen = result["chosen"]
+    log(f"To retrain with these settings: mini_retrain retrain --image_dir DIR --learning_rate {chosen['learning_rate']:g} "
+        f"--how_many_training_steps {chosen['training_steps']} --class_balancing {chosen['class_balancing']} "
+        f"--train_batch_size {settings.train_batch_size} --validation_percentage {settings.validation_percentage:g} "
+        f"--testing_percentage {settings.testing_percentage:g} --random_seed {settings.random_seed}")
     write_bytes_atomically(output_json, (json.dumps(result, indent=2) + "\n").encode())
     log(f"Wrote {output_json}")
     return result

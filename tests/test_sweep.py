@@ -208,6 +208,8 @@ def test_sweep_cli_on_the_demo_xrays(tmp_path, real_backbone_path, capsys):
                  "--output_labels", str(tmp_path / "winner.txt"), "--backbone", str(real_backbone_path),
                  "--device", "cpu", "--bottleneck_dir", str(tmp_path / "bottlenecks")]) == 0
     assert graph.exists()
+    # ... on the sweep's split (its 25% / 25%, not retrain's default 10% / 10%): the same 2 test images
+    assert re.search(r"^Final test accuracy = \d+\.\d% \(N=2, ", capsys.readouterr().out, re.M)
 
     result = json.loads(output.read_text())
     rows = result["settings"]
