@@ -172,7 +172,7 @@ def get_bottlenecks(
     def skip(path: Path, error: BadImageError) -> None:
         if on_bad_image == "error":
             raise error
-        log(f"Skipping {path}: {error.reason}")
+        log(f"Skipping {path}: {error.reason} ({error.fix})")
         bad.append((str(path), error.reason))
 
     keys: list[str | None] = []

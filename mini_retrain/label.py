@@ -100,8 +100,8 @@ def label_images(model: RetrainedModel, paths: list[Path], num_top_predictions: 
         try:
             x = model_input(model, path)[None]  # (1, 3, H, W)
         except BadImageError as error:
-            log(f"Skipping {path}: {error.reason}")
-            results.append({"image": str(path), "error": error.reason})
+            log(f"Skipping {path}: {error.reason} ({error.fix})")
+            results.append({"image": str(path), "error": error.reason, "fix": error.fix})
             continue
         values = model.session.run(outputs, {model.metadata["input_name"]: x})
         scores = values[0][0]  # (classes,)
@@ -122,7 +122,7 @@ def label_images(model: RetrainedModel, paths: list[Path], num_top_predictions: 
 def format_result(result: dict) -> list[str]:
     """label_image's lines for one image."""
     if "error" in result:
-        return [f"{result['image']}: skipped ({result['error']})"]
+        return [f"{result['image']}: skipped ({result['error']}; {result['fix']})"]
     lines = [result["image"]] + [f"{p['label']} (score = {p['score']:.5f})" for p in result["predictions"]]
     if result.get("out_of_distribution"):
         lines.append(OOD_WARNING.format(distance=result["ood_distance"], threshold=result["ood_threshold"]))

@@ -126,14 +126,14 @@ def split_image_lists(
                 by_split[split] = [path for path in by_split[split] if hash_key(path) != key]
             by_split["training"] = moved
             warnings.append(
-                f"class {label!r}: hashing put none of its {len(paths)} image(s) in training; moved "
+                f"WARNING: class {label!r}: hashing put none of its {len(paths)} image(s) in training; moved "
                 f"{', '.join(sorted(moved))} to training (every class needs at least one training image)."
             )
 
         for split, percentage in (("validation", validation_percentage), ("testing", testing_percentage)):
             if percentage > 0 and not by_split[split]:
                 warnings.append(
-                    f"class {label!r} has no {split} image ({len(paths)} image(s) in total); {split} "
+                    f"WARNING: class {label!r} has no {split} image ({len(paths)} image(s) in total); {split} "
                     f"accuracy covers the other classes only. Add images to this class to include it."
                 )
 

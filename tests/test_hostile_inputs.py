@@ -219,6 +219,19 @@ def test_retrain_survives_the_hostile_folder(hostile):
     assert (folder / "out" / "labels.txt").read_text().splitlines() == ["normal", "pneumonia"]
 
 
+def fix_for(path: Path) -> str:
+    """The fix that mini_retrain's own checks give for a bad file (hashing it, then decoding it)."""
+    from mini_retrain.bottlenecks import _content_key
+    from mini_retrain.images import BadImageError, read_image
+
+    try:
+        _content_key(path)
+        read_image(path)
+    except BadImageError as error:
+        return error.fix
+    raise AssertionError(f"{path} reads fine")
+
+
 def test_one_skipping_line_per_bad_file_naming_it(hostile):
     corpus, _, _, out, _ = hostile
     skipping = [line for line in out.splitlines() if line.startswith("Skipping ")]
@@ -227,6 +240,7 @@ def test_one_skipping_line_per_bad_file_naming_it(hostile):
         mine = [line for line in skipping if line.startswith(f"Skipping {corpus.image_dir / relative}: ")]
         assert len(mine) == 1, relative
         assert reason in mine[0]
+        assert mine[0].endswith(f" ({fix_for(corpus.image_dir / relative)})")  # and what to do about it
     for relative in corpus.ignored:  # hidden files and other extensions are not even mentioned
         assert Path(relative).name not in out
 
@@ -290,6 +304,7 @@ def test_label_skips_the_same_bad_files(hostile):
     results = {Path(r["image"]).relative_to(corpus.image_dir).as_posix(): r for r in json.loads(out)}
     for relative, reason in corpus.bad.items():
         assert reason in results[relative]["error"]
+        assert results[relative]["fix"] == fix_for(corpus.image_dir / relative)
         assert f"Skipping {corpus.image_dir / relative}: " in err
     assert [p["label"] for p in results["pneumonia/scan.dcm"]["predictions"]] in (["normal", "pneumonia"],
                                                                                    ["pneumonia", "normal"])

@@ -185,6 +185,7 @@ def test_small_classes_keep_a_training_image_and_warn(stems, validation, testing
 
     by_hash = {p: retrain_split(p, validation, testing) for p in paths}
     tb_warnings = [w for w in warnings if "'tb'" in w]
+    assert all(w.startswith("WARNING: class 'tb'") for w in tb_warnings)  # marked like retrain.py's warnings
     if "training" in by_hash.values():
         # Nothing moved: exactly retrain.py's rule.
         assert {p: s for s in SPLITS for p in tb[s]} == by_hash
