@@ -14,7 +14,7 @@ Rows (see benchmarks/README.md for how to read them):
     (e) the NumPy training loop (train.train_final_layer), and the same loop written in PyTorch
     (f) loading 100k cached bottlenecks (bottlenecks.load_store on one 100k x 2048 shard), and what merging one new
         batch into that store costs (compact_store, which every run that computed something calls)
-    (g) JPEG draft (read_image(fast=True)): bottleneck difference from the exact path, and its speedup
+    (g) --fast_decode (JPEG draft + Image.reduce, fast=True): bottleneck difference from the exact path, and speedup
     peak RSS of the pipeline, measured in child processes on a full batch and more, and extrapolated to 10k
         images with the growth per image measured on thousands of tiny images (network replaced by random numbers)
 
@@ -346,7 +346,7 @@ def measure_sgemm(size: int, repeats: int, unset_openblas: bool, with_torch: boo
 
 def decode_one(path: Path, sidecar: dict, fast: bool = False) -> np.ndarray:
     """What get_bottlenecks' decode threads do for one file: read, resize, scale -> (3, 299, 299) float32."""
-    return backbone_input(read_image(path, fast=fast, keep_gray=True), sidecar)
+    return backbone_input(read_image(path, fast=fast, keep_gray=True), sidecar, fast=fast)
 
 
 def decode_rates(paths: list[Path], sidecar: dict, workers: int, fast: bool = False) -> dict:
@@ -615,14 +615,15 @@ def measure_everything(arguments, report: dict[str, Any], scratch: Path, say: Ca
         say(f"(a) pipeline: {kind} ({len(entry['paths'])} files) ...")
         pipeline[kind] = {
             "pipeline": pipeline_rate(entry["paths"], backbone, scratch),
+            "pipeline_fast_decode": pipeline_rate(entry["paths"], backbone, scratch, fast_decode=True),
             "decode": decode_rates(entry["paths"][: max(4, min(16, len(entry["paths"])))], sidecar, workers=2),
         }
     report["pipeline"] = pipeline
 
-    # (g) JPEG draft: accuracy and speed
-    say("(g) JPEG draft (fast=True) vs exact ...")
+    # (g) --fast_decode (JPEG draft, Image.reduce): accuracy and speed
+    say("(g) fast decode (JPEG draft + reduce) vs exact ...")
     draft = {}
-    for kind in ("demo JPEG X-rays", "large JPEG 8-bit"):
+    for kind in sets:
         paths = sets[kind]["paths"][:16]
         exact = run_backbone(backbone, np.stack([decode_one(path, sidecar) for path in paths]))
         fast = run_backbone(backbone, np.stack([decode_one(path, sidecar, fast=True) for path in paths]))
@@ -790,6 +791,10 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             measured["images_per_second"], 1000 / measured["images_per_second"], ratio, "x raw forward",
             ">= 0.9x" if is_target else None,
             ("PASS" if ratio >= TARGETS["pipeline_vs_forward"] else "MISS") if is_target else None)
+        if "pipeline_fast_decode" in entry:
+            fast = entry["pipeline_fast_decode"]
+            add("a", f"  with --fast_decode: {kind}", fast["images_per_second"], 1000 / fast["images_per_second"],
+                fast["images_per_second"] / raw, "x raw forward")
         add("a", f"  second run, all cached: {kind} (SHA-1 of the files "
                  f"{measured['cached_rerun_sha1_seconds'] / measured['cached_rerun_seconds']:.0%} of it)",
             measured["cached_rerun_images_per_second"], 1000 / measured["cached_rerun_images_per_second"])
@@ -867,7 +872,7 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
         add("f", f"  a run then adds 32 images: its compact_store takes {compact['seconds']:.2f} s, "
                  f"peak RSS {compact['peak_rss_bytes'] / 2**20:.0f} MiB")
     for kind, measured in report["draft"].items():
-        add("g", f"JPEG draft, {kind}: max |diff| {measured['max_abs_difference']:.3f}, mean "
+        add("g", f"--fast_decode, {kind}: max |diff| {measured['max_abs_difference']:.3f}, mean "
                  f"{measured['mean_abs_difference']:.4f} (mean |bottleneck| {measured['mean_abs_bottleneck']:.3f}), "
                  f"min cosine {measured['min_cosine']:.4f}",
             1 / measured["decode_fast"]["seconds_per_image_1_thread"],

@@ -98,14 +98,14 @@ def load_backbone(path: str | Path | None = None, device: str = "auto", verbose:
     return Backbone(session, path, sidecar, provider)
 
 
-def backbone_input(image, sidecar: dict[str, Any]) -> np.ndarray:
+def backbone_input(image, sidecar: dict[str, Any], fast: bool = False) -> np.ndarray:
     """A decoded RGB or grey image -> the network's input (3, H, W) float32: resize, then (x - mean) / std as the sidecar says."""
     from mini_retrain.images import resize_for_backbone
 
     height, width = sidecar["input_size"]
     if height != width:
         raise ValueError(f"backbone input_size {sidecar['input_size']} is not square; mini_retrain resizes to squares")
-    pixels = resize_for_backbone(image, height)  # (H, W, 3) float32 in 0..255
+    pixels = resize_for_backbone(image, height, fast)  # (H, W, 3) float32 in 0..255
     return ((pixels - sidecar["input_mean"]) / sidecar["input_std"]).transpose(2, 0, 1).astype(np.float32)
 
 

@@ -50,9 +50,11 @@ class Bottlenecks(NamedTuple):
     computed: int  # how many were run through the backbone now (the rest came from the cache)
 
 
-def store_folder(bottleneck_dir: str | Path, backbone: Backbone) -> Path:
+def store_folder(bottleneck_dir: str | Path, backbone: Backbone, fast_decode: bool = False) -> Path:
+    """bottleneck_dir/<backbone hash>-<preprocessing version>[-fast]: --fast_decode's slightly different pixels give
+    slightly different bottlenecks, so they are kept apart from the exact ones."""
     backbone_id = backbone.sidecar.get("onnx_sha256") or file_sha1(backbone.path)
-    return Path(bottleneck_dir) / f"{backbone_id[:16]}-{PREPROCESSING_VERSION}"
+    return Path(bottleneck_dir) / f"{backbone_id[:16]}-{PREPROCESSING_VERSION}{'-fast' if fast_decode else ''}"
 
 
 def load_store(folder: Path, log: Callable[[str], None] = print,
@@ -158,14 +160,16 @@ def get_bottlenecks(
     batch_size: int = 32,
     workers: int = 2,
     log: Callable[[str], None] = print,
+    fast_decode: bool = False,
 ) -> Bottlenecks:
     """Bottlenecks for `paths`, from the cache where possible, else computed (and cached) batch by batch.
 
     on_bad_image: "skip" prints one line per unusable file and leaves it out; "error" raises BadImageError.
+    fast_decode: JPEG draft and Image.reduce before the resize (images.read_image / resize_for_backbone, fast=True).
     """
     if on_bad_image not in ("skip", "error"):
         raise ValueError(f"--on_bad_image must be 'skip' or 'error', not {on_bad_image!r}")
-    folder = store_folder(bottleneck_dir, backbone)
+    folder = store_folder(bottleneck_dir, backbone, fast_decode)
     index, cached = load_store(folder, log)
     bad: list[tuple[str, str]] = []
 
@@ -197,7 +201,8 @@ def get_bottlenecks(
 
         def decode(i: int) -> np.ndarray | BadImageError:
             try:
-                return backbone_input(read_image(paths[i], keep_gray=True), backbone.sidecar)
+                image = read_image(paths[i], fast=fast_decode, keep_gray=True)
+                return backbone_input(image, backbone.sidecar, fast=fast_decode)
             except BadImageError as error:
                 return error
 

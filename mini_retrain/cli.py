@@ -98,6 +98,9 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
                         "content)")
     parser.add_argument("--on_bad_image", choices=("skip", "error"), default="skip",
                         help="an unreadable image: skip it with a message, or stop")
+    parser.add_argument("--fast_decode", action="store_true",
+                        help="decode large images faster (JPEG draft, then Image.reduce before the resize): slightly "
+                        "different bottlenecks, cached apart; label and explain follow the graph's choice")
     parser.add_argument("--positive_label", default=None,
                         help="the class counted as positive for sensitivity/specificity/ROC "
                         "(default: abnormal/tb/pneumonia/... when present)")

@@ -176,7 +176,8 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
     # 0% validation, 0% testing: every image is "training", i.e. every image takes part.
     dataset = load_dataset(settings.image_dir, 0.0, 0.0, backbone=load_backbone(settings.backbone, settings.device),
-                           bottleneck_dir=settings.bottleneck_dir, on_bad_image=settings.on_bad_image, log=log)
+                           bottleneck_dir=settings.bottleneck_dir, on_bad_image=settings.on_bad_image, log=log,
+                           fast_decode=settings.fast_decode)
     result = cross_validate(dataset, folds, np.random.default_rng(settings.random_seed),
                             settings.how_many_training_steps, settings.learning_rate, settings.train_batch_size,
                             settings.positive_label, log)

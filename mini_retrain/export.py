@@ -33,8 +33,12 @@ def build_retrained_model(
     labels: list[str],
     final_tensor_name: str = "final_result",
     ood: Any | None = None,
+    fast_decode: bool = False,
 ):
-    """The backbone graph with the final layer appended, as an onnx.ModelProto."""
+    """The backbone graph with the final layer appended, as an onnx.ModelProto.
+
+    fast_decode says how the training images were decoded (retrain --fast_decode); it goes into the metadata so that
+    `label` and `explain` prepare new images the same way."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -71,6 +75,7 @@ def build_retrained_model(
         "bottleneck_output": bottleneck,
         "spatial_output": backbone.sidecar.get("spatial_output", ""),
         "backbone_sha256": backbone.sidecar.get("onnx_sha256", ""),
+        "fast_decode": "1" if fast_decode else "0",
     }
     if ood is not None:
         _append_ood_distance(graph, bottleneck, ood)

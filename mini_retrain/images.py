@@ -67,10 +67,11 @@ def read_image(path: str | os.PathLike, fast: bool = False, keep_gray: bool = Fa
     which fully decodes the file here, so a truncated file fails now rather than later.
     Multi-frame files (animated GIF, multi-page TIFF) give their first frame.
 
-    fast=True lets the JPEG decoder skip detail with Image.draft: libjpeg can decode straight
-    to 1/2, 1/4 or 1/8 size by dropping DCT coefficients, much faster for 3000-pixel X-rays.
-    We keep at least 2 * INPUT_SIZE pixels per side. The pixels then differ slightly from a
-    full decode followed by resize, so it is off by default. It does nothing to other formats.
+    fast=True (`--fast_decode`) lets the JPEG decoder skip detail with Image.draft: libjpeg can
+    decode straight to 1/2, 1/4 or 1/8 size by dropping DCT coefficients, much faster for
+    3000-pixel X-rays. We keep at least 2 * INPUT_SIZE pixels per side. The pixels then differ
+    slightly from a full decode followed by resize, so it is off by default (benchmarks/README.md,
+    row g, measures the difference in the bottlenecks). It does nothing to other formats.
     """
     path = Path(path)
     header = _read_header(path)
@@ -242,11 +243,16 @@ def _gray_or_rgb_to_image(values: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8))
 
 
-def resize_for_backbone(image: Image.Image, size: int = INPUT_SIZE) -> np.ndarray:
+def resize_for_backbone(image: Image.Image, size: int = INPUT_SIZE, fast: bool = False) -> np.ndarray:
     """Squeeze an RGB or grey ("L") image into (size, size, 3) float32 pixels in 0..255 (whole levels).
 
     A grey image is resized once and then copied into the three channels: the same numbers as
     resizing its RGB copy (Pillow resizes each channel alike), a third of the work.
+
+    fast=True (`--fast_decode`) first shrinks a large image by a whole factor with Image.reduce
+    (each output pixel the plain mean of a k x k block), keeping at least 2 * size pixels per
+    side, and then resizes bilinearly: Pillow's reducing_gap=2. Much less work for a 3000-pixel
+    film, slightly different pixels (measured in benchmarks/README.md, row g).
 
     Like retrain.py we do not keep the aspect ratio or crop: the whole film goes in.
     Pillow's BILINEAR antialiases when it shrinks (its filter widens with the shrink factor, so
@@ -259,7 +265,8 @@ def resize_for_backbone(image: Image.Image, size: int = INPUT_SIZE) -> np.ndarra
                          "read it with read_image")
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
-    resized = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
+    resized = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0 if fast else None),
+                         dtype=np.float32)
     if resized.ndim == 2:  # grey (size, size) -> (size, size, 3)
         resized = np.repeat(resized[:, :, None], 3, axis=2)
     return resized  # (size, size, 3)
@@ -279,7 +286,7 @@ def to_backbone_input(pixels: np.ndarray) -> np.ndarray:
 
 def load_backbone_input(path: str | os.PathLike, fast: bool = False) -> np.ndarray:
     """Read, resize and normalise one file: (3, 299, 299) float32, ready for the backbone."""
-    return to_backbone_input(resize_for_backbone(read_image(path, fast=fast, keep_gray=True)))
+    return to_backbone_input(resize_for_backbone(read_image(path, fast=fast, keep_gray=True), fast=fast))
 
 
 def file_sha1(path: str | os.PathLike) -> str:

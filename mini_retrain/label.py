@@ -81,9 +81,10 @@ def image_paths(inputs: list[str | Path]) -> list[Path]:
 
 
 def model_input(model: RetrainedModel, path: Path) -> np.ndarray:
-    """(3, H, W) float32, scaled as the graph's metadata says."""
+    """(3, H, W) float32, decoded, resized and scaled as the graph's metadata says (as its training images were)."""
     size = json.loads(model.metadata["input_size"])[0]
-    pixels = resize_for_backbone(read_image(path, keep_gray=True), size)  # (H, W, 3) 0..255
+    fast = model.metadata.get("fast_decode") == "1"  # retrain --fast_decode
+    pixels = resize_for_backbone(read_image(path, fast=fast, keep_gray=True), size, fast)  # (H, W, 3) 0..255
     mean, std = float(model.metadata["input_mean"]), float(model.metadata["input_std"])
     return ((pixels - mean) / std).transpose(2, 0, 1).astype(np.float32)
 

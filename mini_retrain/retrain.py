@@ -58,6 +58,7 @@ class RetrainSettings:
     intermediate_output_graphs_dir: Path = Path("intermediate_graphs")
     random_seed: int = 0
     class_balancing: bool = True  # retrain.py's batches: a class uniformly, then an image (see sampling.py)
+    fast_decode: bool = False  # JPEG draft + Image.reduce before the resize (images.py); stored in the graph
     on_bad_image: str = "skip"
     positive_label: str | None = None
     explain_misclassified: Path | None = None
@@ -82,7 +83,8 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
     # 1-3. Images, their labels and splits, their bottlenecks.
     dataset = load_dataset(settings.image_dir, settings.validation_percentage, settings.testing_percentage,
                            backbone=load_backbone(settings.backbone, settings.device),
-                           bottleneck_dir=settings.bottleneck_dir, on_bad_image=settings.on_bad_image, log=log)
+                           bottleneck_dir=settings.bottleneck_dir, on_bad_image=settings.on_bad_image, log=log,
+                           fast_decode=settings.fast_decode)
     backbone, labels = dataset.backbone, dataset.labels
     train_x, train_y, train_files = dataset.split("training")
     validation_x, validation_y, _ = dataset.split("validation")
@@ -125,7 +127,8 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
 
     # 6. Write everything.
     ood = fit_ood_model(train_x, train_y, len(labels))
-    model = build_retrained_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name, ood)
+    model = build_retrained_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name, ood,
+                                  settings.fast_decode)
     write_retrained_graph(settings.output_graph, model)
     write_labels(settings.output_labels, labels)
     weights_path = settings.output_weights or settings.output_graph.with_suffix(".final_layer.npz")
@@ -169,7 +172,7 @@ class Dataset(NamedTuple):
 
 def load_dataset(image_dir: Path, validation_percentage: float, testing_percentage: float, backbone: Backbone,
                  bottleneck_dir: Path | None = None, on_bad_image: str = "skip",
-                 log: Callable[[str], None] = print) -> Dataset:
+                 log: Callable[[str], None] = print, fast_decode: bool = False) -> Dataset:
     """Steps 1-3: find the images, split them, get their bottlenecks (cached); report duplicates."""
     image_dir = Path(image_dir)
     image_lists, warnings = find_images(image_dir)
@@ -184,7 +187,7 @@ def load_dataset(image_dir: Path, validation_percentage: float, testing_percenta
                for split in SPLITS for relative in splits[label][split]]
     bottleneck_dir = bottleneck_dir or cache_dir() / "bottlenecks"
     result = get_bottlenecks([image_dir / relative for _, _, relative in entries], backbone, bottleneck_dir,
-                             on_bad_image=on_bad_image, log=log)
+                             on_bad_image=on_bad_image, log=log, fast_decode=fast_decode)
     copies = len(result.keys) - len(set(result.keys))  # identical files: one bottleneck serves them all
     log(f"{len(result.kept)} bottlenecks ready ({result.computed} computed now, "
         f"{len(result.kept) - copies - result.computed} from the cache in {bottleneck_dir}"
@@ -268,7 +271,8 @@ def _distorted_bottlenecks(settings: RetrainSettings, backbone, train_files: lis
         batch = []
         for i in indices.tolist():
             if i not in decoded:
-                image = read_image(settings.image_dir / train_files[i]).resize((largest, largest))
+                image = read_image(settings.image_dir / train_files[i], fast=settings.fast_decode)
+                image = image.resize((largest, largest), reducing_gap=2.0 if settings.fast_decode else None)
                 decoded[i] = np.asarray(image, dtype=np.uint8)
             batch.append(distort(decoded[i].astype(np.float32), rng, settings.flip_left_right, settings.random_crop,
                                  settings.random_scale, settings.random_brightness, size))
@@ -283,7 +287,8 @@ def _intermediate_writer(settings: RetrainSettings, backbone, labels: list[str],
     def on_step(step: int, layer: FinalLayer) -> None:
         if step > 0 and step % settings.intermediate_store_frequency == 0:
             path = settings.intermediate_output_graphs_dir / f"intermediate_{step}.onnx"
-            model = build_retrained_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name)
+            model = build_retrained_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name,
+                                          fast_decode=settings.fast_decode)
             write_retrained_graph(path, model)
             log(f"Save intermediate result to : {path}")
 

@@ -182,7 +182,8 @@ def sweep(settings: RetrainSettings, learning_rates: list[float], training_steps
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
     dataset = load_dataset(settings.image_dir, settings.validation_percentage, settings.testing_percentage,
                            backbone=load_backbone(settings.backbone, settings.device),
-                           bottleneck_dir=settings.bottleneck_dir, on_bad_image=settings.on_bad_image, log=log)
+                           bottleneck_dir=settings.bottleneck_dir, on_bad_image=settings.on_bad_image, log=log,
+                           fast_decode=settings.fast_decode)
     result = grid_search(dataset, learning_rates, training_steps, class_balancing, settings.random_seed,
                          settings.train_batch_size, settings.positive_label, log)
     chosen = result["chosen"]

@@ -485,10 +485,23 @@ def test_fast_decodes_big_jpeg_at_reduced_size(tmp_path):
     assert np.abs(full - fast).max() * 128 <= 4  # "slightly" different pixels
 
 
-def test_fast_leaves_png_alone(tmp_path):
+def test_fast_decode_of_a_png_is_left_to_the_resize(tmp_path):
     path = save(Image.fromarray(RNG.integers(0, 256, (700, 700, 3), dtype=np.uint8)),
                 tmp_path / "big.png")
-    assert read_image(path, fast=True).size == (700, 700)
+    assert read_image(path, fast=True).size == (700, 700)  # no draft for PNG: the whole image is decoded
+
+
+def test_fast_resize_reduces_by_block_means_then_resizes(tmp_path):
+    """resize_for_backbone(fast=True) = Image.reduce(k) (k x k block means, k = side // (2 * 299)), then bilinear."""
+    ramp = np.linspace(0, 255, 2400)
+    film = Image.fromarray(np.add.outer(ramp / 2, ramp / 2).astype(np.uint8))  # (2400, 2400) smooth
+    k = 2400 // (2 * INPUT_SIZE)  # 4
+    expected = resize_for_backbone(film.reduce(k))  # the two steps written out
+    np.testing.assert_array_equal(resize_for_backbone(film, fast=True), expected)
+    exact = resize_for_backbone(film)
+    assert not np.array_equal(exact, expected) and np.abs(exact - expected).max() <= 2  # slightly different
+    small = Image.fromarray(RNG.integers(0, 256, (500, 500), dtype=np.uint8))  # < 2 x 299: nothing to reduce
+    np.testing.assert_array_equal(resize_for_backbone(small, fast=True), resize_for_backbone(small))
 
 
 # ---------------------------------------------------------------- hashing, extensions

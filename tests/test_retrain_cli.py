@@ -230,3 +230,32 @@ def test_class_balancing_flag_reaches_the_training_loop(trained, monkeypatch, fl
                  "--output_labels", str(folder / f"{flag}.txt"), "--how_many_training_steps", "5",
                  "--class_balancing", flag, "--device", "cpu"]) == 0
     assert seen == {"class_balancing": expected}
+
+
+def test_fast_decode_is_cached_apart_stored_in_the_graph_and_followed_by_label(tmp_path, real_backbone_path, capsys):
+    import onnxruntime
+
+    from mini_retrain.images import read_image, resize_for_backbone, to_backbone_input
+
+    image_dir = copy_demo(tmp_path / "images")
+    bottlenecks, graph = tmp_path / "bottlenecks", tmp_path / "fast.onnx"
+    assert main(["retrain", "--image_dir", str(image_dir), "--backbone", str(real_backbone_path), "--device", "cpu",
+                 "--bottleneck_dir", str(bottlenecks), "--output_graph", str(graph),
+                 "--output_labels", str(tmp_path / "fast.txt"), "--how_many_training_steps", "20",
+                 "--fast_decode"]) == 0
+    assert [folder.name.endswith("-fast") for folder in bottlenecks.iterdir()] == [True]
+    session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+    assert session.get_modelmeta().custom_metadata_map["fast_decode"] == "1"
+
+    # The largest demo X-ray (1776 px wide) is decoded at half size by the JPEG draft, so the two paths differ.
+    big = max(XRAYS.glob("*/*.jpeg"), key=lambda path: Image.open(path).size[0])
+    inputs = {fast: to_backbone_input(resize_for_backbone(read_image(big, fast=fast, keep_gray=True), fast=fast))
+              for fast in (False, True)}
+    input_name = session.get_inputs()[0].name
+    scores = {fast: session.run(["final_result"], {input_name: x[None]})[0][0] for fast, x in inputs.items()}
+    assert not np.allclose(scores[False], scores[True], rtol=0, atol=1e-6)  # so the check below can tell them apart
+    capsys.readouterr()
+    assert main(["label", "--graph", str(graph), "--image", str(big), "--json", "--device", "cpu"]) == 0
+    labelled = {p["label"]: p["score"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]}
+    labels = (tmp_path / "fast.txt").read_text().split()
+    np.testing.assert_allclose([labelled[label] for label in labels], scores[True], rtol=0, atol=1e-6)
