@@ -912,8 +912,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=4, help="synthetic images of each large kind (default 4)")
-    parser.add_argument("--demo-copies", type=int, default=3,
-                        help="byte-distinct copies of the 16 demo X-rays for the pipeline row (default 3 = 48 files)")
+    parser.add_argument("--demo-copies", type=int, default=10,
+                        help="byte-distinct copies of the 16 demo X-rays for the pipeline row (default 10 = 160 files)")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per timing; the best is reported")
     parser.add_argument("--steps", type=int, default=4000, help="training steps (default 4000)")
     parser.add_argument("--train-rows", type=int, default=5000, help="training bottlenecks (default 5000)")
