@@ -108,9 +108,15 @@ def compact_store(folder: Path, log: Callable[[str], None] = print) -> None:
     only when the store has doubled since it was last written (O(log n) times in all).
     The merged shard is written before the old ones are removed, so a crash loses nothing.
     """
-    shards = sorted(folder.glob("shard-*.npz"), key=lambda shard: shard.stat().st_size)  # smallest first
+    sizes: dict[Path, int] = {}
+    for shard in folder.glob("shard-*.npz"):
+        try:
+            sizes[shard] = shard.stat().st_size
+        except FileNotFoundError:
+            pass  # another run sharing this cache merged it away meanwhile
+    shards = sorted(sizes, key=sizes.__getitem__)  # smallest first
     largest, rest = shards[-1:], shards[:-1]
-    if sum(shard.stat().st_size for shard in rest) > sum(shard.stat().st_size for shard in largest):
+    if sum(sizes[shard] for shard in rest) > sum(sizes[shard] for shard in largest):
         rest = shards
     if len(rest) < 2:
         return

@@ -222,8 +222,9 @@ def _to_8bit(image: Image.Image, path: Path) -> Image.Image:
             )
         bits = max(8, high.bit_length())  # == ceil(log2(high + 1)) for integers >= 0
         if bits <= 16:
-            table = np.clip(np.rint(np.arange(2**bits) * 255.0 / (2**bits - 1)), 0, 255).astype(np.uint8)
-            return Image.fromarray(table[values])  # (H, W) uint8: y for every pixel, looked up
+            x = np.arange(2**bits)  # (2**bits,) every value a pixel can have
+            table = np.clip(np.rint(x * 255.0 / (2**bits - 1)), 0, 255).astype(np.uint8)  # y for each x
+            return Image.fromarray(table[values])  # (H, W) uint8: each pixel's y, looked up
         return _gray_or_rgb_to_image(values.astype(np.int64) * 255.0 / (2**bits - 1))
     if mode == "F":
         values = np.asarray(image, dtype=np.float64)  # (H, W)
