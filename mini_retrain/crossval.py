@@ -18,6 +18,7 @@ a 10%-tuberculosis set, an unlucky fold with no tuberculosis at all would measur
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -171,13 +172,9 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
     Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, how_many_training_steps, learning_rate,
     train_batch_size, random_seed and positive_label of `settings`; the split percentages are ignored.
     """
-    from mini_retrain.backbone import load_backbone
-
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
     # 0% validation, 0% testing: every image is "training", i.e. every image takes part.
-    dataset = load_dataset(settings.image_dir, 0.0, 0.0, backbone=load_backbone(settings.backbone, settings.device),
-                           bottleneck_dir=settings.bottleneck_dir, on_bad_image=settings.on_bad_image, log=log,
-                           fast_decode=settings.fast_decode)
+    dataset = load_dataset(dataclasses.replace(settings, validation_percentage=0.0, testing_percentage=0.0), log)
     result = cross_validate(dataset, folds, np.random.default_rng(settings.random_seed),
                             settings.how_many_training_steps, settings.learning_rate, settings.train_batch_size,
                             settings.positive_label, log)

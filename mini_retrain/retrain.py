@@ -77,14 +77,9 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
     from mini_retrain.softmax_layer import compute_logits, softmax
 
     _check_outputs_writable(settings)
-    # A missing folder, one class or bad percentages: say so now, not after loading (or downloading) the backbone.
-    split_image_lists(find_images(settings.image_dir)[0], settings.validation_percentage, settings.testing_percentage)
 
     # 1-3. Images, their labels and splits, their bottlenecks.
-    dataset = load_dataset(settings.image_dir, settings.validation_percentage, settings.testing_percentage,
-                           backbone=load_backbone(settings.backbone, settings.device),
-                           bottleneck_dir=settings.bottleneck_dir, on_bad_image=settings.on_bad_image, log=log,
-                           fast_decode=settings.fast_decode)
+    dataset = load_dataset(settings, log)
     backbone, labels = dataset.backbone, dataset.labels
     train_x, train_y, train_files = dataset.split("training")
     validation_x, validation_y, _ = dataset.split("validation")
@@ -170,13 +165,18 @@ class Dataset(NamedTuple):
         return self.bottlenecks[rows], self.class_indices[rows], [self.files[r] for r in rows]
 
 
-def load_dataset(image_dir: Path, validation_percentage: float, testing_percentage: float, backbone: Backbone,
-                 bottleneck_dir: Path | None = None, on_bad_image: str = "skip",
-                 log: Callable[[str], None] = print, fast_decode: bool = False) -> Dataset:
-    """Steps 1-3: find the images, split them, get their bottlenecks (cached); report duplicates."""
-    image_dir = Path(image_dir)
+def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print) -> Dataset:
+    """Steps 1-3: find the images, split them, get their bottlenecks (cached); report duplicates.
+
+    Uses image_dir, validation_percentage, testing_percentage, backbone, device, bottleneck_dir, on_bad_image and
+    fast_decode of `settings`. The folder is listed and split before the backbone is loaded (or built), so a missing
+    folder, a single class or bad percentages are reported at once.
+    """
+    image_dir = Path(settings.image_dir)
     image_lists, warnings = find_images(image_dir)
-    splits, split_warnings = split_image_lists(image_lists, validation_percentage, testing_percentage)
+    splits, split_warnings = split_image_lists(image_lists, settings.validation_percentage,
+                                               settings.testing_percentage)
+    backbone = load_backbone(settings.backbone, settings.device)
     for warning in warnings + split_warnings:
         log(warning)
     labels = list(splits)  # class index order = sorted label order
@@ -185,9 +185,9 @@ def load_dataset(image_dir: Path, validation_percentage: float, testing_percenta
 
     entries = [(split, index, relative) for index, label in enumerate(labels)
                for split in SPLITS for relative in splits[label][split]]
-    bottleneck_dir = bottleneck_dir or cache_dir() / "bottlenecks"
+    bottleneck_dir = settings.bottleneck_dir or cache_dir() / "bottlenecks"
     result = get_bottlenecks([image_dir / relative for _, _, relative in entries], backbone, bottleneck_dir,
-                             on_bad_image=on_bad_image, log=log, fast_decode=fast_decode)
+                             on_bad_image=settings.on_bad_image, log=log, fast_decode=settings.fast_decode)
     copies = len(result.keys) - len(set(result.keys))  # identical files: one bottleneck serves them all
     log(f"{len(result.kept)} bottlenecks ready ({result.computed} computed now, "
         f"{len(result.kept) - copies - result.computed} from the cache in {bottleneck_dir}"

@@ -177,13 +177,8 @@ def sweep(settings: RetrainSettings, learning_rates: list[float], training_steps
     Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, validation_percentage, testing_percentage,
     train_batch_size, random_seed and positive_label of `settings`.
     """
-    from mini_retrain.backbone import load_backbone
-
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
-    dataset = load_dataset(settings.image_dir, settings.validation_percentage, settings.testing_percentage,
-                           backbone=load_backbone(settings.backbone, settings.device),
-                           bottleneck_dir=settings.bottleneck_dir, on_bad_image=settings.on_bad_image, log=log,
-                           fast_decode=settings.fast_decode)
+    dataset = load_dataset(settings, log)
     result = grid_search(dataset, learning_rates, training_steps, class_balancing, settings.random_seed,
                          settings.train_batch_size, settings.positive_label, log)
     chosen = result["chosen"]
