@@ -100,13 +100,13 @@ def load_backbone(path: str | Path | None = None, device: str = "auto", verbose:
 
 def backbone_input(image, sidecar: dict[str, Any], fast: bool = False) -> np.ndarray:
     """A decoded RGB or grey image -> the network's input (3, H, W) float32: resize, then (x - mean) / std as the sidecar says."""
-    from mini_retrain.images import resize_for_backbone
+    from mini_retrain.images import resize_for_backbone, to_backbone_input
 
     height, width = sidecar["input_size"]
     if height != width:
         raise ValueError(f"backbone input_size {sidecar['input_size']} is not square; mini_retrain resizes to squares")
     pixels = resize_for_backbone(image, height, fast)  # (H, W, 3) float32 in 0..255
-    return ((pixels - sidecar["input_mean"]) / sidecar["input_std"]).transpose(2, 0, 1).astype(np.float32)
+    return to_backbone_input(pixels, sidecar["input_mean"], sidecar["input_std"])  # (3, H, W)
 
 
 def run_backbone(backbone: Backbone, images: np.ndarray, spatial: bool = False):

@@ -72,11 +72,12 @@ def distortions_requested(flip_left_right: bool, random_crop: float, random_scal
 
 def distort(pixels: np.ndarray, rng: np.random.Generator, flip_left_right: bool,
             random_crop: float, random_scale: float, random_brightness: float,
-            size: int = INPUT_SIZE) -> np.ndarray:
+            size: int = INPUT_SIZE, mean: float = 128.0, std: float = 128.0) -> np.ndarray:
     """One random distortion of (H, W, 3) pixels in 0..255 -> (3, size, size) float32 input.
 
     The percentages are retrain.py's flags (--random_crop 10 means a 10% margin). With all of
-    them 0 and no flip this is to_backbone_input(resize_bilinear(pixels, size, size)).
+    them 0 and no flip this is to_backbone_input(resize_bilinear(pixels, size, size), mean, std)
+    (mean and std as the backbone's sidecar says; 128 and 128 for Inception v3).
     Random numbers are drawn in a fixed order (scale, crop corner, flip, brightness), so the
     same seed gives the same image.
     """
@@ -94,7 +95,7 @@ def distort(pixels: np.ndarray, rng: np.random.Generator, flip_left_right: bool,
     if flip_left_right and rng.random() < 0.5:
         cropped = cropped[:, ::-1]
     brightness = rng.uniform(1.0 - random_brightness / 100.0, 1.0 + random_brightness / 100.0)
-    return to_backbone_input(cropped * np.float32(brightness))  # (3, size, size)
+    return to_backbone_input(cropped * np.float32(brightness), mean, std)  # (3, size, size)
 
 
 def _check_percentages(random_crop: float, random_scale: float, random_brightness: float) -> None:

@@ -273,15 +273,16 @@ def resize_for_backbone(image: Image.Image, size: int = INPUT_SIZE, fast: bool =
     return resized  # (size, size, 3)
 
 
-def to_backbone_input(pixels: np.ndarray) -> np.ndarray:
-    """(H, W, 3) pixels in 0..255 -> (3, H, W) float32, x_normalised = (x - 128) / 128.
+def to_backbone_input(pixels: np.ndarray, mean: float = 128.0, std: float = 128.0) -> np.ndarray:
+    """(H, W, 3) pixels in 0..255 -> (3, H, W) float32, x_normalised = (x - mean) / std.
 
+    mean = std = 128 for Inception v3 (another backbone's sidecar may say otherwise, see models/README.md).
     Channels first, because the ONNX Inception v3 takes (batch, 3, 299, 299).
     """
     pixels = np.asarray(pixels)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"pixels must have shape (height, width, 3), got {pixels.shape}")
-    normalised = (pixels.astype(np.float32) - 128.0) / 128.0  # (H, W, 3)
+    normalised = (pixels.astype(np.float32) - np.float32(mean)) / np.float32(std)  # (H, W, 3)
     return np.ascontiguousarray(normalised.transpose(2, 0, 1))  # (3, H, W)
 
 

@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mini_retrain.backbone import choose_providers, session_options
+from mini_retrain.backbone import backbone_input, choose_providers, session_options
 from mini_retrain.export import MARKER
-from mini_retrain.images import IMAGE_EXTENSIONS, BadImageError, read_image, resize_for_backbone
+from mini_retrain.images import IMAGE_EXTENSIONS, BadImageError, read_image
 
 OOD_WARNING = ("WARNING: this image is unlike the training images (out of distribution: distance {distance:.1f} > "
                "threshold {threshold:.1f}); the scores above should not be trusted")
@@ -82,11 +82,10 @@ def image_paths(inputs: list[str | Path]) -> list[Path]:
 
 def model_input(model: RetrainedModel, path: Path) -> np.ndarray:
     """(3, H, W) float32, decoded, resized and scaled as the graph's metadata says (as its training images were)."""
-    size = json.loads(model.metadata["input_size"])[0]
     fast = model.metadata.get("fast_decode") == "1"  # retrain --fast_decode
-    pixels = resize_for_backbone(read_image(path, fast=fast, keep_gray=True), size, fast)  # (H, W, 3) 0..255
-    mean, std = float(model.metadata["input_mean"]), float(model.metadata["input_std"])
-    return ((pixels - mean) / std).transpose(2, 0, 1).astype(np.float32)
+    sidecar = {"input_size": json.loads(model.metadata["input_size"]),  # the backbone's sidecar, as the graph keeps it
+               "input_mean": float(model.metadata["input_mean"]), "input_std": float(model.metadata["input_std"])}
+    return backbone_input(read_image(path, fast=fast, keep_gray=True), sidecar, fast)
 
 
 def label_images(model: RetrainedModel, paths: list[Path], num_top_predictions: int = 5,

@@ -275,7 +275,8 @@ def _distorted_bottlenecks(settings: RetrainSettings, backbone, train_files: lis
                 image = image.resize((largest, largest), reducing_gap=2.0 if settings.fast_decode else None)
                 decoded[i] = np.asarray(image, dtype=np.uint8)
             batch.append(distort(decoded[i].astype(np.float32), rng, settings.flip_left_right, settings.random_crop,
-                                 settings.random_scale, settings.random_brightness, size))
+                                 settings.random_scale, settings.random_brightness, size,
+                                 backbone.sidecar["input_mean"], backbone.sidecar["input_std"]))
         return run_backbone(backbone, np.stack(batch))
 
     return bottlenecks_for

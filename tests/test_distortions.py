@@ -74,6 +74,13 @@ def test_distort_with_nothing_switched_on_is_plain_resize():
     np.testing.assert_array_equal(result, to_backbone_input(resize_bilinear(PIXELS, 299, 299)))
 
 
+def test_distort_scales_as_the_backbone_says():
+    """Another backbone's sidecar may ask for another mean and std; the distorted images follow it."""
+    result = distort(PIXELS, np.random.default_rng(0), False, 0, 0, 0, mean=100.0, std=50.0)
+    expected = (resize_bilinear(PIXELS, 299, 299).transpose(2, 0, 1) - 100.0) / 50.0  # (3, 299, 299)
+    np.testing.assert_allclose(result, expected, rtol=0, atol=1e-5)
+
+
 def test_flip_flips():
     # With flip on and nothing else, each draw is either the plain image or its mirror.
     plain = to_backbone_input(resize_bilinear(PIXELS, 299, 299))
