@@ -31,7 +31,7 @@ from mini_retrain.metrics import evaluate, format_evaluation, wilson_interval
 from mini_retrain.retrain import Dataset, RetrainSettings, load_dataset
 from mini_retrain.softmax_layer import compute_logits, softmax
 from mini_retrain.split import hash_key
-from mini_retrain.train import train_final_layer
+from mini_retrain.train import train_layer
 
 
 def assign_folds(files: list[str], class_indices: np.ndarray, folds: int, rng: np.random.Generator,
@@ -125,16 +125,12 @@ def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, how_m
     y = dataset.class_indices  # (n,)
     fold_of = assign_folds(files, y, folds, rng, labels)  # (n,)
     folds = int(folds)
-    bottleneck_size = dataset.bottlenecks.shape[1]
-    no_validation = (np.empty((0, bottleneck_size), np.float32), np.empty(0, np.int64))
     probabilities = np.zeros((len(files), len(labels)))  # (n, classes), each row filled by the fold holding it out
     per_fold = []
     for k in range(folds):
         held_out = fold_of == k  # (n,) bool
-        layer, _ = train_final_layer(
-            dataset.bottlenecks[~held_out], y[~held_out], *no_validation, len(labels), rng,
-            how_many_training_steps=how_many_training_steps, learning_rate=learning_rate,
-            train_batch_size=train_batch_size, eval_step_interval=how_many_training_steps, log=lambda _line: None)
+        layer = train_layer(dataset.bottlenecks[~held_out], y[~held_out], len(labels), rng,
+                            how_many_training_steps, learning_rate, train_batch_size)
         probabilities[held_out] = softmax(compute_logits(dataset.bottlenecks[held_out], layer.weights, layer.biases))
         correct = int(np.sum(probabilities[held_out].argmax(axis=1) == y[held_out]))
         accuracy = _rate(correct, int(held_out.sum()))

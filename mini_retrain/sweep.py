@@ -34,23 +34,7 @@ from mini_retrain.crossval import check_output_json
 from mini_retrain.metrics import evaluate, format_evaluation, wilson_interval
 from mini_retrain.retrain import Dataset, RetrainSettings, load_dataset
 from mini_retrain.softmax_layer import compute_logits, cross_entropy, softmax
-from mini_retrain.train import FinalLayer, train_final_layer
-
-def train_layer(bottlenecks: np.ndarray, labels: np.ndarray, class_count: int, rng: np.random.Generator,
-                how_many_training_steps: int = 4000, learning_rate: float = 0.01, train_batch_size: int = 100,
-                class_balancing: bool = True) -> FinalLayer:
-    """train.py's loop without its log lines and validation: one setting of the grid.
-
-    bottlenecks (n, D), labels (n,). Each step: a batch (class-balanced or uniform over images, see
-    sampling.py), then one gradient descent step on the batch's mean cross-entropy.
-    """
-    no_validation = np.zeros((0, bottlenecks.shape[1]), np.float32), np.zeros(0, np.int64)
-    layer, _ = train_final_layer(bottlenecks, labels, *no_validation, class_count, rng,
-                                 how_many_training_steps=how_many_training_steps, learning_rate=learning_rate,
-                                 train_batch_size=train_batch_size, eval_step_interval=how_many_training_steps,
-                                 log=lambda line: None, class_balancing=class_balancing)
-    return layer
-
+from mini_retrain.train import FinalLayer, train_layer
 
 def choose_setting(rows: list[dict]) -> int:
     """Index of the winner: highest validation accuracy; ties: lowest validation cross-entropy; then the first row.

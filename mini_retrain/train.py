@@ -114,3 +114,19 @@ def train_final_layer(
                 log(f"Step {step}: Validation accuracy = {row['validation_accuracy'] * 100:.1f}% (N={len(chosen)})")
             history.append(row)
     return layer, history
+
+
+def train_layer(bottlenecks: np.ndarray, labels: np.ndarray, class_count: int, rng: np.random.Generator,
+                how_many_training_steps: int = 4000, learning_rate: float = 0.01, train_batch_size: int = 100,
+                class_balancing: bool = True) -> FinalLayer:
+    """train_final_layer without its log lines and validation: one fold of crossval, one setting of sweep.
+
+    bottlenecks (n, D), labels (n,). Each step: a batch (class-balanced or uniform over images, see
+    sampling.py), then one gradient descent step on the batch's mean cross-entropy.
+    """
+    no_validation = np.zeros((0, bottlenecks.shape[1]), np.float32), np.zeros(0, np.int64)
+    layer, _ = train_final_layer(bottlenecks, labels, *no_validation, class_count, rng,
+                                 how_many_training_steps=how_many_training_steps, learning_rate=learning_rate,
+                                 train_batch_size=train_batch_size, eval_step_interval=how_many_training_steps,
+                                 log=lambda line: None, class_balancing=class_balancing)
+    return layer

@@ -14,8 +14,8 @@ from mini_retrain.cli import main
 from mini_retrain.retrain import Dataset
 from mini_retrain.sampling import sample_batch, uniform_batch
 from mini_retrain.softmax_layer import softmax
-from mini_retrain.sweep import choose_setting, grid_search, parse_grid, train_layer
-from mini_retrain.train import train_final_layer
+from mini_retrain.sweep import choose_setting, grid_search, parse_grid
+from mini_retrain.train import train_final_layer, train_layer
 from tests.conftest import DEMO_DATA
 
 
