@@ -69,3 +69,12 @@ def read_or_bad(path) -> None:
         assert str(path) in str(error)
         return
     assert image.mode == "RGB" and min(image.size) >= 8
+
+
+def mutated(seed: bytes, flips: list[tuple[float, int]], keep: float, truncate_below: float) -> bytes:
+    """A fuzzing variant of `seed`: flip bit `bit` of the byte at fraction `where` for each (where, bit), then, when
+    keep < truncate_below, cut the file to its first `keep` fraction (at least one byte)."""
+    data = bytearray(seed)
+    for where, bit in flips:
+        data[int(where * len(data))] ^= 1 << bit
+    return bytes(data[: max(1, int(keep * len(data)))]) if keep < truncate_below else bytes(data)

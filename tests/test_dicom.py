@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from mini_retrain.dicom import apply_window, read_dicom
 from mini_retrain.images import BadImageError, read_image
-from tests.conftest import read_or_bad
+from tests.conftest import mutated, read_or_bad
 
 
 def write_dicom(path, pixels, photometric="MONOCHROME2", bits_stored=None, file_format=True,
@@ -241,12 +241,8 @@ def test_fuzz_mutated_dicom(tmp_path, flips, keep):
     if not seed_path.exists():
         write_dicom(seed_path, tile(np.arange(0, 4000, 250)), "MONOCHROME1", 12,
                     RescaleSlope=1.5, RescaleIntercept=-20, WindowCenter=2000, WindowWidth=3000)
-    data = bytearray(seed_path.read_bytes())
-    for where, bit in flips:
-        data[int(where * len(data))] ^= 1 << bit
-    data = bytes(data[: max(1, int(keep * len(data)))]) if keep < 0.8 else bytes(data)
     path = tmp_path / "mutated.dcm"
-    path.write_bytes(data)
+    path.write_bytes(mutated(seed_path.read_bytes(), flips, keep, truncate_below=0.8))
     read_or_bad(path)
 
 

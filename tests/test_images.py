@@ -28,7 +28,7 @@ from mini_retrain.images import (
     resize_for_backbone,
     to_backbone_input,
 )
-from tests.conftest import read_or_bad
+from tests.conftest import mutated, read_or_bad
 
 
 def save(image: Image.Image, path, format=None, **params):
@@ -405,12 +405,8 @@ def test_fuzz_random_bytes(tmp_path, data):
        flips=st.lists(st.tuples(st.floats(0, 1, exclude_max=True), st.integers(0, 7)), max_size=8),
        keep=st.floats(0.0, 1.0))
 def test_fuzz_mutated_png_and_jpeg(tmp_path, seed, flips, keep):
-    data = bytearray(seed)
-    for where, bit in flips:
-        data[int(where * len(data))] ^= 1 << bit
-    data = bytes(data[: max(1, int(keep * len(data)))]) if keep < 0.9 else bytes(data)
     path = tmp_path / "mutated.png"
-    path.write_bytes(data)
+    path.write_bytes(mutated(seed, flips, keep, truncate_below=0.9))
     read_or_bad(path)
 
 
