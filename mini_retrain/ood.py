@@ -62,7 +62,6 @@ eigendecomposition; 1000 images x 2048 features fit in about 1-2 s on 2 cores.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -244,34 +243,3 @@ def mahalanobis_distance(model: OODModel, bottlenecks: np.ndarray) -> np.ndarray
 def is_out_of_distribution(model: OODModel, bottlenecks: np.ndarray) -> np.ndarray:
     """(n,) bool: True where the image is farther than model.threshold from every class."""
     return mahalanobis_distance(model, bottlenecks) > model.threshold
-
-
-def ood_to_arrays(model: OODModel) -> dict[str, np.ndarray]:
-    """The model as named arrays for np.savez (keys prefixed "ood_" to sit beside other arrays)."""
-    return {
-        "ood_means": np.asarray(model.means, dtype=np.float32),
-        "ood_precision": np.asarray(model.precision, dtype=np.float32),
-        "ood_threshold": np.asarray(model.threshold, dtype=np.float64),
-        "ood_shrinkage": np.asarray(model.shrinkage, dtype=np.float64),
-    }
-
-
-def ood_from_arrays(arrays: Mapping[str, np.ndarray]) -> OODModel:
-    """Inverse of ood_to_arrays; `arrays` is a dict or an opened .npz file."""
-    keys = ("ood_means", "ood_precision", "ood_threshold", "ood_shrinkage")
-    missing = [key for key in keys if key not in arrays]
-    if missing:
-        raise ValueError(f"OOD arrays lack {missing}; the file was not written by ood_to_arrays")
-    means = np.asarray(arrays["ood_means"], dtype=np.float32)
-    precision = np.asarray(arrays["ood_precision"], dtype=np.float32)
-    d = means.shape[-1]
-    if means.ndim != 2 or precision.shape != (d, d):
-        raise ValueError(
-            f"OOD arrays have inconsistent shapes: means {means.shape}, precision {precision.shape}"
-        )
-    return OODModel(
-        means=means,
-        precision=precision,
-        threshold=float(arrays["ood_threshold"]),
-        shrinkage=float(arrays["ood_shrinkage"]),
-    )

@@ -1,6 +1,5 @@
 """Tests for mini_retrain.ood on synthetic bottlenecks whose distribution we know."""
 
-import io
 from typing import NamedTuple
 
 import numpy as np
@@ -13,8 +12,6 @@ from mini_retrain.ood import (
     is_out_of_distribution,
     mahalanobis_distance,
     power_normalise,
-    ood_from_arrays,
-    ood_to_arrays,
 )
 
 
@@ -207,44 +204,6 @@ def test_is_out_of_distribution_is_distance_above_threshold():
     # A threshold exactly at a distance: "above" means strictly above.
     at_threshold = model._replace(threshold=float(mahalanobis_distance(model, queries[:1])[0]))
     assert not is_out_of_distribution(at_threshold, queries[:1])[0]
-
-
-# ---------------------------------------------------------------- saving
-
-
-def test_arrays_round_trip_through_npz():
-    population = make_population(9, d=25)
-    rng = np.random.default_rng(9)
-    train, labels = sample(population, rng, 30)
-    model = fit_ood_model(train, labels, 2)
-    arrays = ood_to_arrays(model)
-    assert all(isinstance(value, np.ndarray) for value in arrays.values())
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays, other_layer_weights=np.ones(3))  # shares a file with other arrays
-    buffer.seek(0)
-    with np.load(buffer) as saved:
-        loaded = ood_from_arrays(saved)
-    assert isinstance(loaded, OODModel)
-    np.testing.assert_array_equal(loaded.means, model.means)
-    np.testing.assert_array_equal(loaded.precision, model.precision)
-    assert loaded.threshold == model.threshold and loaded.shrinkage == model.shrinkage
-    assert loaded.means.dtype == np.float32 and loaded.precision.dtype == np.float32
-    queries = sample(population, rng, 5)[0]
-    np.testing.assert_array_equal(mahalanobis_distance(loaded, queries), mahalanobis_distance(model, queries))
-
-
-def test_from_arrays_names_what_is_missing():
-    with pytest.raises(ValueError, match="ood_precision"):
-        ood_from_arrays({"ood_means": np.zeros((2, 3)), "ood_threshold": 1.0, "ood_shrinkage": 0.5})
-    with pytest.raises(ValueError, match="inconsistent shapes"):
-        ood_from_arrays(
-            {
-                "ood_means": np.zeros((2, 3)),
-                "ood_precision": np.eye(4),
-                "ood_threshold": np.array(1.0),
-                "ood_shrinkage": np.array(0.5),
-            }
-        )
 
 
 # ---------------------------------------------------------------- input checks
