@@ -125,33 +125,36 @@ def gradients(
     if bottlenecks.shape[0] == 0:
         raise ValueError("bottlenecks must hold at least one row; the loss of an empty batch is undefined.")
     _check_labels(labels, bottlenecks.shape[0], weights.shape[1])
-    return unchecked_gradients(bottlenecks, labels, weights, biases)
+    d_weights, d_biases = unchecked_gradients(bottlenecks, one_hot(labels, weights.shape[1]), weights, biases)
+    # The loss needs the logits again: a second forward pass, paid only by callers who ask for the loss
+    # (the training loop does not; it measures cross-entropy only at its evaluation steps).
+    return d_weights, d_biases, cross_entropy(compute_logits(bottlenecks, weights, biases), labels)
+
+
+def one_hot(labels: np.ndarray, class_count: int) -> np.ndarray:
+    """(n,) class indices -> (n, class_count) float32 rows, 1 in the column of the class, 0 elsewhere."""
+    return np.eye(class_count, dtype=np.float32)[labels]        # row y of the identity is onehot(y)
 
 
 def unchecked_gradients(
-    bottlenecks: np.ndarray, labels: np.ndarray, weights: np.ndarray, biases: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """gradients() without its input checks: the training loop checks its data once, then calls this 4000 times."""
+    bottlenecks: np.ndarray, targets: np.ndarray, weights: np.ndarray, biases: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """(dL/dW, dL/db) as gradients(), from one-hot targets (B, K), without checks and without the loss.
+
+    The training loop's hot path: it checks its data once and makes the one-hot rows of every training
+    image once, then calls this 4000 times. Everything here is in place on one (B, K) buffer.
+    """
     batch = bottlenecks.shape[0]
-    rows = np.arange(batch)                                     # (B,)
-
-    logits = bottlenecks @ weights                              # (B, D) @ (D, K) -> (B, K)
-    logits += biases                                            # z = x W + b, in place: no extra array
-    shifted = logits                                            # (B, K) = z - m: reuse the buffer
-    shifted -= logits.max(axis=1, keepdims=True)
-    exps = np.exp(shifted)                                      # (B, K)
-    sum_exps = exps.sum(axis=1, keepdims=True)                  # (B, 1)
-    # L = (1/B) sum_i [log sum_k exp(z_ik - m_i) - (z_{i,y_i} - m_i)], as in cross_entropy
-    # (two sums divided by B: the same mean, cheaper than np.mean on this hot path)
-    loss = float((np.log(sum_exps).sum() - shifted[rows, labels].sum()) / batch)
-
-    d_logits = exps                                             # (B, K), reuse the buffer:
-    d_logits /= sum_exps                                        #   softmax(z)
-    d_logits[rows, labels] -= 1.0                               #   - onehot(y)
-    d_logits /= batch                                           #   / B
+    d_logits = bottlenecks @ weights                            # (B, D) @ (D, K) -> (B, K): the buffer
+    d_logits += biases                                          # z = x W + b
+    d_logits -= d_logits.max(axis=1, keepdims=True)             # z - m, as in softmax(): exp cannot overflow
+    np.exp(d_logits, out=d_logits)                              # exp(z - m)
+    d_logits /= d_logits.sum(axis=1, keepdims=True)             # softmax(z)
+    d_logits -= targets                                         # softmax(z) - onehot(y)
+    d_logits /= batch                                           # dL/dz = (softmax(z) - onehot(y)) / B
     d_weights = bottlenecks.T @ d_logits                        # (D, B) @ (B, K) -> (D, K)
     d_biases = d_logits.sum(axis=0)                             # (K,)
-    return d_weights, d_biases, loss
+    return d_weights, d_biases
 
 
 def gradient_descent_step(

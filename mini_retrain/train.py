@@ -2,7 +2,7 @@
 
     for step in 0 .. how_many_training_steps - 1:
         batch  = sample_batch(training labels)                     # class first, then an image, with replacement
-        dW, db = gradients of the mean cross-entropy on the batch   # softmax_layer.gradients
+        dW, db = gradients of the mean cross-entropy on the batch   # softmax_layer.unchecked_gradients
         W, b  -= learning_rate * (dW, db)                          # plain gradient descent
         every eval_step_interval steps, and at the last one:
             "Step N: Train accuracy = X%"       on the batch just trained on (after the step, as retrain.py)
@@ -23,7 +23,7 @@ import numpy as np
 
 from mini_retrain.sampling import group_by_class, sample_from_groups
 from mini_retrain.softmax_layer import (
-    compute_logits, cross_entropy, gradient_descent_step, init_final_layer, unchecked_gradients)
+    compute_logits, cross_entropy, gradient_descent_step, init_final_layer, one_hot, unchecked_gradients)
 
 
 class FinalLayer(NamedTuple):
@@ -73,8 +73,8 @@ def train_final_layer(
     layer = FinalLayer(*init_final_layer(train_bottlenecks.shape[1], class_count, rng))
     history: list[dict] = []
 
-    # Done once, not at every step: the class grouping of the labels and the input checks of
-    # softmax_layer.gradients (the loop calls its unchecked core, unchecked_gradients).
+    # Done once, not at every step: the class grouping of the labels, their one-hot rows, and the input
+    # checks of softmax_layer.gradients (the loop calls its unchecked core, unchecked_gradients).
     train_labels, validation_labels = np.asarray(train_labels), np.asarray(validation_labels)
     if train_bottlenecks.ndim != 2 or train_labels.shape != (len(train_bottlenecks),):
         raise ValueError(f"train_bottlenecks (n, D) and train_labels (n,) must match, got shapes "
@@ -82,6 +82,7 @@ def train_final_layer(
     if train_labels.dtype.kind not in "iu" or train_labels.min() < 0 or train_labels.max() >= class_count:
         raise ValueError(f"train_labels must be class indices in [0, {class_count - 1}]")
     train_groups = group_by_class(train_labels)
+    train_targets = one_hot(train_labels, class_count)  # (n, classes)
     validation_groups = group_by_class(validation_labels) if len(validation_labels) else None
 
     for step in range(how_many_training_steps):
@@ -90,8 +91,7 @@ def train_final_layer(
             x = distorted_bottlenecks(batch)  # (batch, D): the backbone on freshly distorted images
         else:
             x = train_bottlenecks[batch]  # (batch, D) gathered rows
-        y = train_labels[batch]  # (batch,)
-        d_weights, d_biases, _ = unchecked_gradients(x, y, layer.weights, layer.biases)
+        d_weights, d_biases = unchecked_gradients(x, train_targets[batch], layer.weights, layer.biases)
         gradient_descent_step(layer.weights, layer.biases, d_weights, d_biases, learning_rate)
         if on_step is not None:
             on_step(step, layer)
@@ -100,6 +100,7 @@ def train_final_layer(
         if step % eval_step_interval == 0 or is_last_step:
             # retrain.py measures the batch just trained on, after the update.
             logits = compute_logits(x, layer.weights, layer.biases)  # (batch, classes)
+            y = train_labels[batch]  # (batch,)
             row = {
                 "step": step,
                 "train_accuracy": float((logits.argmax(axis=1) == y).mean()),
