@@ -83,7 +83,8 @@ def read_image(path: str | os.PathLike, fast: bool = False, keep_gray: bool = Fa
             if fast and opened.format == "JPEG":
                 opened.draft("RGB", (2 * INPUT_SIZE, 2 * INPUT_SIZE))
             opened.load()  # decode everything now: truncated or corrupt data raises here
-            image = ImageOps.exif_transpose(opened)  # a rotated copy (or a plain copy)
+            ImageOps.exif_transpose(opened, in_place=True)  # rotated as the camera says; no copy when upright
+        image = opened  # its pixels are loaded, so closing the file above does not lose them
     except BadImageError:
         raise
     except Image.UnidentifiedImageError:
@@ -247,7 +248,7 @@ def _gray_or_rgb_to_image(values: np.ndarray) -> Image.Image:
 def resize_for_backbone(image: Image.Image, size: int = INPUT_SIZE, fast: bool = False) -> np.ndarray:
     """Squeeze an RGB or grey ("L") image into (size, size, 3) float32 pixels in 0..255 (whole levels).
 
-    A grey image is resized once and then copied into the three channels: the same numbers as
+    A grey image is resized once and then used for all three channels: the same numbers as
     resizing its RGB copy (Pillow resizes each channel alike), a third of the work.
 
     fast=True (`--fast_decode`) first shrinks a large image by a whole factor with Image.reduce
@@ -268,8 +269,8 @@ def resize_for_backbone(image: Image.Image, size: int = INPUT_SIZE, fast: bool =
         raise ValueError(f"size must be a positive integer, got {size!r}")
     resized = np.asarray(image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0 if fast else None),
                          dtype=np.float32)
-    if resized.ndim == 2:  # grey (size, size) -> (size, size, 3)
-        resized = np.repeat(resized[:, :, None], 3, axis=2)
+    if resized.ndim == 2:  # grey (size, size) -> (size, size, 3): the one channel seen three times (a read-only
+        resized = np.broadcast_to(resized[:, :, None], (size, size, 3))  # view, no copy)
     return resized  # (size, size, 3)
 
 
@@ -282,8 +283,10 @@ def to_backbone_input(pixels: np.ndarray, mean: float = 128.0, std: float = 128.
     pixels = np.asarray(pixels)
     if pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"pixels must have shape (height, width, 3), got {pixels.shape}")
-    normalised = (pixels.astype(np.float32) - np.float32(mean)) / np.float32(std)  # (H, W, 3)
-    return np.ascontiguousarray(normalised.transpose(2, 0, 1))  # (3, H, W)
+    normalised = np.empty((3,) + pixels.shape[:2], np.float32)  # (3, H, W)
+    np.subtract(pixels.transpose(2, 0, 1), np.float32(mean), out=normalised, dtype=np.float32)  # x - mean
+    normalised /= np.float32(std)  # (x - mean) / std, in place: no temporary copies of the image
+    return normalised
 
 
 def load_backbone_input(path: str | os.PathLike, fast: bool = False) -> np.ndarray:
