@@ -337,7 +337,13 @@ def measure_sgemm(size: int, repeats: int, unset_openblas: bool, with_torch: boo
     finished = subprocess.run(command, env=environment, capture_output=True, text=True)
     if finished.returncode != 0:
         return {"error": finished.stderr.strip().splitlines()[-1] if finished.stderr.strip() else "failed"}
-    return json.loads(finished.stdout)
+    result = json.loads(finished.stdout)
+    if "numpy_gflops_1_thread" not in result:  # no threadpoolctl: one thread by OpenBLAS's environment variable
+        command[-1] = "numpy"
+        one = subprocess.run(command, env=environment | {"OPENBLAS_NUM_THREADS": "1"}, capture_output=True, text=True)
+        if one.returncode == 0:
+            result["numpy_gflops_1_thread"] = json.loads(one.stdout)["numpy_gflops"]
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -517,6 +523,24 @@ def torch_training_loop(torch, train_x, train_y, validation_x, validation_y, ste
                 float(((vx[picked] @ weights + biases).argmax(1) == vy[picked]).float().mean())
 
 
+SHENZHEN_TRAINING_ROWS = 530  # 80% of the Shenzhen set's 662 X-rays
+
+
+def training_floor(bottlenecks: np.ndarray, labels: np.ndarray, steps: int, rng: np.random.Generator) -> None:
+    """Only the memory-bound work of `steps` training steps: gather 100 random rows, x @ W, x.T @ dL/dz.
+
+    No softmax, no update, no sampling logic: every training loop over these rows does at least this much, so its
+    time is a floor for (e) on this machine.
+    """
+    weights = np.zeros((bottlenecks.shape[1], 2), np.float32)
+    d_logits = np.ones((100, 2), np.float32)
+    batches = rng.integers(0, len(labels), (steps, 100))
+    for batch in batches:
+        x = bottlenecks[batch]  # (100, 2048): 800 KB from the cache or memory
+        x @ weights  # (100, 2048) @ (2048, 2)
+        x.T @ d_logits  # (2048, 100) @ (100, 2)
+
+
 def synthetic_bottlenecks(rows: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(rows, 2048) float32 >= 0 like pool_3 (an average of ReLUs), two classes that differ a little, labels (rows,)."""
     labels = (rng.random(rows) < 0.3).astype(np.int64)
@@ -652,6 +676,14 @@ def measure_everything(arguments, report: dict[str, Any], scratch: Path, say: Ca
 
     report["training_numpy"] = best_of(numpy_training, repeats)
     report["training_numpy"].update(rows=arguments.train_rows, steps=arguments.steps)
+    report["training_floor"] = best_of(lambda: training_floor(train_x, train_y, arguments.steps, rng), repeats)
+    # The same loop at the size of the Shenzhen set's training split (80% of 662 X-rays): its rows fit in cache.
+    small_x, small_y = synthetic_bottlenecks(SHENZHEN_TRAINING_ROWS, rng)
+    report["training_numpy_shenzhen"] = best_of(
+        lambda: train_final_layer(small_x, small_y, small_x[:66], small_y[:66], 2, np.random.default_rng(1),
+                                  how_many_training_steps=arguments.steps, train_batch_size=100, log=no_log), repeats)
+    report["training_floor_shenzhen"] = best_of(lambda: training_floor(small_x, small_y, arguments.steps, rng),
+                                                repeats)
 
     # (f) the bottleneck store
     say(f"(f) loading {arguments.store_rows} cached bottlenecks ...")
@@ -857,6 +889,16 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     add("e", f"NumPy training, {steps} steps x batch 100, {report['training_numpy']['rows']} rows: {seconds:.3f} s",
         ratio=per_4000 / TARGETS["training_seconds"], ratio_of="x target time", target="<= 0.3 s / 4000 steps",
         verdict="PASS" if per_4000 <= TARGETS["training_seconds"] else "MISS")
+    floor = report["training_floor"]["best"]
+    add("e", f"  floor: only the gather of 100 rows and the two matrix products, {steps} times: {floor:.3f} s",
+        ratio=floor * 4000 / steps / TARGETS["training_seconds"], ratio_of="x target time")
+    small = report["training_numpy_shenzhen"]["best"]
+    add("e", f"NumPy training, {steps} steps x batch 100, {SHENZHEN_TRAINING_ROWS} rows (Shenzhen's training split): "
+             f"{small:.3f} s", ratio=small * 4000 / steps / TARGETS["training_seconds"], ratio_of="x target time",
+        target="<= 0.3 s / 4000 steps", verdict="PASS" if small * 4000 / steps <= TARGETS["training_seconds"] else "MISS")
+    small_floor = report["training_floor_shenzhen"]["best"]
+    add("e", f"  floor at {SHENZHEN_TRAINING_ROWS} rows: {small_floor:.3f} s",
+        ratio=small_floor * 4000 / steps / TARGETS["training_seconds"], ratio_of="x target time")
     if "training" in torch_report:
         torch_seconds = torch_report["training"]["best"]
         add("e", f"  PyTorch training, same loop, 1 thread: {torch_seconds:.3f} s", ratio=torch_seconds / seconds,
