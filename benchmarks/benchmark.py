@@ -326,6 +326,37 @@ print(json.dumps(result))
 """
 
 
+ARENA_CHILD = r"""
+import json, sys, time, numpy as np, onnxruntime
+from mini_retrain.backbone import load_backbone, session_options
+arena, batch, repeats = sys.argv[1] == "on", int(sys.argv[2]), int(sys.argv[3])
+backbone = load_backbone(verbose=False)
+options = session_options()  # the product's options, with only the arena changed
+options.enable_cpu_mem_arena = arena
+session = onnxruntime.InferenceSession(str(backbone.path), sess_options=options, providers=["CPUExecutionProvider"])
+images = np.random.default_rng(0).standard_normal((batch, 3, 299, 299)).astype(np.float32)
+feed, outputs = {backbone.sidecar["input_name"]: images}, [backbone.sidecar["bottleneck_output"]]
+session.run(outputs, feed)
+seconds = []
+for _ in range(repeats):
+    started = time.perf_counter(); session.run(outputs, feed); seconds.append(time.perf_counter() - started)
+peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(json.dumps({"seconds_per_image": min(seconds) / batch, "peak_rss_mib": peak / 1024}))
+"""
+
+
+def measure_arena(batch: int, repeats: int) -> dict:
+    """onnxruntime's CPU memory arena on (the product) and off: forward speed and peak RSS, each in its own process."""
+    results = {}
+    for state in ("on", "off"):
+        command = [sys.executable, "-c", ARENA_CHILD, state, str(batch), str(repeats)]
+        finished = subprocess.run(command, capture_output=True, text=True)
+        if finished.returncode != 0:
+            return {"error": finished.stderr.strip().splitlines()[-1] if finished.stderr.strip() else "failed"}
+        results[state] = json.loads(finished.stdout)
+    return results
+
+
 def measure_sgemm(size: int, repeats: int, unset_openblas: bool, with_torch: bool) -> dict:
     """float32 n x n matrix product in a child process; unset_openblas removes OPENBLAS_CORETYPE / OPENBLAS_L2_SIZE
     (a core type forced for safety can select a slower kernel than OpenBLAS would pick for this CPU)."""
@@ -626,6 +657,8 @@ def measure_everything(arguments, report: dict[str, Any], scratch: Path, say: Ca
                           backbone.path, sidecar, "CPUExecutionProvider")
     report["forward_onnxruntime_1_thread"] = forward_rates(one_thread, demo_tensors, (16,), repeats)[16]
     del one_thread
+    say("(b) onnxruntime with its memory arena on and off (child processes) ...")
+    report["arena"] = measure_arena(pipeline_batch, repeats)
     pipeline: dict[str, Any] = {demo_kind: {
         "pipeline": max((measured for _, measured in rounds), key=lambda m: m["images_per_second"]),
         "pipeline_rounds": [measured for _, measured in rounds],
@@ -849,6 +882,14 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     one = report["forward_onnxruntime_1_thread"]
     add("b", "  onnxruntime forward, 1 thread, batch 16", one["images_per_second"], 1000 * one["seconds_per_image"],
         one["images_per_second"] / limit_1, "x 1-thread FLOP limit")
+    arena = report["arena"]
+    if "error" in arena:
+        add("b", f"  memory arena on/off: failed ({arena['error']})")
+    else:
+        on, off = arena["on"], arena["off"]
+        add("b", f"  memory arena off, batch {report['pipeline_batch_size']} (the product keeps it on): peak RSS "
+                 f"{off['peak_rss_mib']:.0f} MiB instead of {on['peak_rss_mib']:.0f}", 1 / off["seconds_per_image"],
+            1000 * off["seconds_per_image"], off["seconds_per_image"] / on["seconds_per_image"], "x time with arena")
     kernel = ",".join(str(info.get("architecture")) for info in (unset.get("threadpoolctl") or [])) or "unknown"
     add("c", f"FLOP limit: numpy sgemm {unset.get('numpy_gflops', float('nan')):.0f} GFLOP/s "
              f"(OpenBLAS kernel {kernel}) / (2 x {multiply_adds / 1e9:.2f} G mult-adds)", limit, 1000 / limit, 1.0)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mini_retrain import backbone_build
-from mini_retrain.backbone import choose_providers, load_backbone, run_backbone
+from mini_retrain.backbone import choose_providers, load_backbone, run_backbone, session_options
 from mini_retrain.torchscript_archive import ArchiveError, read_archive
 from tests.conftest import DEMO_DATA
 
@@ -161,6 +161,19 @@ def test_cuda_requested_on_cpu_machine_falls_back_with_message(tiny_backbone, ca
     assert "WARNING: CUDA was asked for" in captured.err and "using the CPU" in captured.err  # stderr: not in --json
     assert "Backbone tiny" in captured.out and "on CPUExecutionProvider" in captured.out
     assert run_backbone(backbone, np.ones((2, 3, 299, 299), np.float32)).shape == (2, 4)
+
+
+def test_session_options_use_every_core_and_let_idle_threads_sleep(monkeypatch):
+    """The settings benchmarks/README.md measures: all cores on each operator, one operator at a time, full graph
+    optimisation, the memory arena, and no spinning (idle threads leave the CPU to the decode threads)."""
+    import onnxruntime
+
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    options = session_options()
+    assert options.intra_op_num_threads == 6 and options.inter_op_num_threads == 1
+    assert options.graph_optimization_level == onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert options.enable_cpu_mem_arena
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_backbone_without_sidecar_is_refused(tiny_backbone):
