@@ -185,13 +185,24 @@ def get_bottlenecks(
         log(f"Skipping {path}: {error.reason} ({error.fix})")
         bad.append((str(path), error.reason))
 
-    keys: list[str | None] = []
-    for path in paths:
+    def key_of(path: Path) -> str | BadImageError:
         try:
-            keys.append(_content_key(path))
+            return _content_key(path)
         except BadImageError as error:
-            skip(path, error)
-            keys.append(None)
+            return error
+
+    # Hashing every file is most of a run that finds everything cached. File reads and hashlib release the GIL, so
+    # `workers` threads hash side by side. If a bad file stops the run (--on_bad_image error), the rest are cancelled.
+    keys: list[str | None] = []
+    hashers = ThreadPoolExecutor(max_workers=workers)
+    try:
+        for path, key in zip(paths, hashers.map(key_of, paths)):
+            if isinstance(key, BadImageError):
+                skip(path, key)
+                key = None
+            keys.append(key)
+    finally:
+        hashers.shutdown(cancel_futures=True)
     missing = [i for i, key in enumerate(keys) if key is not None and key not in index]
     # Identical files need computing only once.
     first_of_key: dict[str, int] = {}

@@ -61,3 +61,39 @@ def test_one_shard_is_not_rewritten(tmp_path):
     stamp = only.stat().st_mtime_ns
     compact_store(tmp_path)
     assert list(tmp_path.glob("shard-*.npz")) == [only] and only.stat().st_mtime_ns == stamp
+
+
+def test_files_hashed_by_several_threads_keep_their_order(tmp_path, tiny_backbone):
+    """The cache keys are computed by a thread pool; rows, skip lines and duplicates still follow the order of the
+    paths, and --on_bad_image error stops at the first bad file."""
+    import pytest
+    from PIL import Image
+
+    from mini_retrain.backbone import load_backbone
+    from mini_retrain.bottlenecks import get_bottlenecks
+    from mini_retrain.images import BadImageError
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for number in range(12):
+        path = tmp_path / f"{number:02d}.png"
+        Image.fromarray(rng.integers(0, 256, (40, 30), dtype=np.uint8)).save(path)
+        paths.append(path)
+    (tmp_path / "folder.png").mkdir()  # not a regular file
+    paths[3] = tmp_path / "folder.png"
+    paths[8] = tmp_path / "missing.png"
+    paths[10] = paths[1]  # the same file twice
+    backbone = load_backbone(tiny_backbone, device="cpu", verbose=False)
+    lines: list[str] = []
+    found = get_bottlenecks(paths, backbone, tmp_path / "cache", workers=3, log=lines.append)
+
+    assert found.kept == [i for i in range(12) if i not in (3, 8)]
+    assert found.keys[found.kept.index(10)] == found.keys[found.kept.index(1)]
+    skips = [line for line in lines if line.startswith("Skipping")]
+    assert [line.split(":")[0] for line in skips] == [f"Skipping {paths[3]}", f"Skipping {paths[8]}"]
+    one_by_one = [get_bottlenecks([path], backbone, tmp_path / "other", workers=1, log=lambda line: None)
+                  for path in paths if path not in (paths[3], paths[8])]
+    np.testing.assert_array_equal(found.values, np.concatenate([result.values for result in one_by_one]))
+
+    with pytest.raises(BadImageError, match="folder.png"):
+        get_bottlenecks(paths, backbone, tmp_path / "cache", on_bad_image="error", workers=3, log=lambda line: None)
