@@ -27,8 +27,9 @@ split), our rule:
     exactly one image (or its whole `_nohash_` group, which must stay together). A warning names
     the class.
   * A class with no validation (or no testing) image gets a warning that it is not represented in
-    that split; validation (or test) accuracy then covers the other classes only. No warning when
-    that percentage is 0, since then no class was asked to be represented.
+    that split; validation (or test) accuracy then covers the other classes only. When no class has
+    one, a single warning says the split is empty. No warning when that percentage is 0, since then
+    no class was asked to be represented.
 """
 
 import hashlib
@@ -105,6 +106,7 @@ def split_image_lists(
     _check_percentages(validation_percentage, testing_percentage)
     splits: dict[str, dict[str, list[str]]] = {}
     warnings: list[str] = []
+    missing: dict[str, list[str]] = {"validation": [], "testing": []}  # a warning per class without that split
     for label, paths in image_lists.items():
         if len(paths) == 0:
             raise ValueError(f"class {label!r} has no images; add images or remove its folder.")
@@ -132,10 +134,19 @@ def split_image_lists(
 
         for split, percentage in (("validation", validation_percentage), ("testing", testing_percentage)):
             if percentage > 0 and not by_split[split]:
-                warnings.append(
+                missing[split].append(
                     f"WARNING: class {label!r} has no {split} image ({len(paths)} image(s) in total); {split} "
                     f"accuracy covers the other classes only. Add images to this class to include it."
                 )
 
         splits[label] = {split: sorted(by_split[split]) for split in SPLITS}
+    for split, percentage in (("validation", validation_percentage), ("testing", testing_percentage)):
+        if missing[split] and len(missing[split]) == len(image_lists):  # no class has one: say so once
+            total = sum(len(paths) for paths in image_lists.values())
+            warnings.append(
+                f"WARNING: no {split} images at all ({percentage:g}% of {total} images fell to none), so there is "
+                f"no {split} accuracy. Raise --{split}_percentage or add images."
+            )
+        else:
+            warnings.extend(missing[split])
     return splits, warnings

@@ -199,7 +199,9 @@ def test_small_classes_keep_a_training_image_and_warn(stems, validation, testing
         assert {p: s for s in ("validation", "testing") for p in tb[s]} == rest
     for split, percentage in (("validation", validation), ("testing", testing)):
         warned = any(f"no {split} image" in w for w in tb_warnings)
-        assert warned == (percentage > 0 and not tb[split])
+        nobody_has_one = not tb[split] and not splits["normal"][split]
+        assert warned == (percentage > 0 and not tb[split] and not nobody_has_one)
+        assert any(f"no {split} images at all" in w for w in warnings) == (percentage > 0 and nobody_has_one)
 
 
 def test_single_image_class_moves_to_training_with_a_named_warning():
@@ -209,8 +211,8 @@ def test_single_image_class_moves_to_training_with_a_named_warning():
     splits, warnings = split_image_lists({"tb": [path]}, 50, 49.99)
     assert splits["tb"] == {"training": [path], "validation": [], "testing": []}
     assert any("'tb'" in w and "moved" in w for w in warnings)
-    assert any("'tb'" in w and "no validation image" in w for w in warnings)
-    assert any("'tb'" in w and "no testing image" in w for w in warnings)
+    assert any("no validation images at all" in w for w in warnings)  # the only class: the split is empty
+    assert any("no testing images at all" in w for w in warnings)
 
 
 def test_nohash_group_moves_to_training_together():
@@ -242,3 +244,23 @@ def test_empty_class_and_duplicate_paths_raise():
         split_image_lists({"tb": []}, 10, 10)
     with pytest.raises(ValueError, match="more than once"):
         split_image_lists({"tb": ["tb/a.png", "tb/a.png"]}, 10, 10)
+
+
+def test_an_empty_split_is_one_warning_not_one_per_class():
+    """16 images, 10% validation: hashing can leave every class without a validation image. Then one line says the
+    split is empty (not "covers the other classes only", which would be untrue), and the per-class lines go."""
+    image_lists = {"normal": ["normal/a.png"], "tb": ["tb/b.png"]}
+    splits, warnings = split_image_lists(image_lists, 0.001, 0.001)
+    assert all(not splits[label]["validation"] for label in splits)
+    empty = [w for w in warnings if "no validation images at all" in w]
+    assert empty == ["WARNING: no validation images at all (0.001% of 2 images fell to none), so there is no "
+                     "validation accuracy. Raise --validation_percentage or add images."]
+    assert not any("covers the other classes" in w and "validation" in w for w in warnings)
+
+
+def test_a_split_missing_in_one_class_only_names_that_class():
+    image_lists = {"normal": [f"normal/{i}.png" for i in range(200)], "tb": ["tb/b.png"]}
+    splits, warnings = split_image_lists(image_lists, 10, 10)
+    assert splits["normal"]["validation"] and not splits["tb"]["validation"]
+    assert any("'tb' has no validation image" in w and "covers the other classes only" in w for w in warnings)
+    assert not any("at all" in w for w in warnings)
