@@ -249,7 +249,8 @@ def resize_for_backbone(image: Image.Image, size: int = INPUT_SIZE, fast: bool =
     """Squeeze an RGB or grey ("L") image into (size, size, 3) float32 pixels in 0..255 (whole levels).
 
     A grey image is resized once and then used for all three channels: the same numbers as
-    resizing its RGB copy (Pillow resizes each channel alike), a third of the work.
+    resizing its RGB copy (Pillow resizes each channel alike), a third of the work. Its result is
+    a read-only view of that one channel (to_backbone_input makes the array the network gets).
 
     fast=True (`--fast_decode`) first shrinks a large image by a whole factor with Image.reduce
     (each output pixel the plain mean of a k x k block), keeping at least 2 * size pixels per

@@ -142,11 +142,12 @@ def unchecked_gradients(
     """(dL/dW, dL/db) as gradients(), from one-hot targets (B, K), without checks and without the loss.
 
     The training loop's hot path: it checks its data once and makes the one-hot rows of every training
-    image once, then calls this 4000 times. Everything here is in place on one (B, K) buffer.
+    image once, then calls this 4000 times. Everything after the first product is in place on one (B, K) array.
     """
     batch = bottlenecks.shape[0]
-    d_logits = bottlenecks @ weights                            # (B, D) @ (D, K) -> (B, K): the buffer
-    d_logits += biases                                          # z = x W + b
+    logits = bottlenecks @ weights                              # (B, D) @ (D, K) -> (B, K)
+    logits += biases                                            # z = x W + b
+    d_logits = logits                                           # the same array, turned into dL/dz in place:
     d_logits -= d_logits.max(axis=1, keepdims=True)             # z - m, as in softmax(): exp cannot overflow
     np.exp(d_logits, out=d_logits)                              # exp(z - m)
     d_logits /= d_logits.sum(axis=1, keepdims=True)             # softmax(z)
