@@ -557,7 +557,7 @@ def torch_training_loop(torch, train_x, train_y, validation_x, validation_y, ste
 SHENZHEN_TRAINING_ROWS = 530  # 80% of the Shenzhen set's 662 X-rays
 
 
-def training_floor(bottlenecks: np.ndarray, labels: np.ndarray, steps: int, rng: np.random.Generator) -> None:
+def training_floor(bottlenecks: np.ndarray, steps: int, rng: np.random.Generator) -> None:
     """Only the memory-bound work of `steps` training steps: gather 100 random rows, x @ W, x.T @ dL/dz.
 
     No softmax, no update, no sampling logic: every training loop over these rows does at least this much, so its
@@ -565,7 +565,7 @@ def training_floor(bottlenecks: np.ndarray, labels: np.ndarray, steps: int, rng:
     """
     weights = np.zeros((bottlenecks.shape[1], 2), np.float32)
     d_logits = np.ones((100, 2), np.float32)
-    batches = rng.integers(0, len(labels), (steps, 100))
+    batches = rng.integers(0, len(bottlenecks), (steps, 100))
     for batch in batches:
         x = bottlenecks[batch]  # (100, 2048): 800 KB from the cache or memory
         x @ weights  # (100, 2048) @ (2048, 2)
@@ -702,21 +702,19 @@ def measure_everything(arguments, report: dict[str, Any], scratch: Path, say: Ca
     train_x, train_y = synthetic_bottlenecks(arguments.train_rows, rng)
     validation_x, validation_y = synthetic_bottlenecks(max(arguments.train_rows // 10, 100), rng)
 
-    def numpy_training():
+    def numpy_training(train_x, train_y, validation_x, validation_y):
         train_final_layer(train_bottlenecks=train_x, train_labels=train_y, validation_bottlenecks=validation_x,
                           validation_labels=validation_y, class_count=2, rng=np.random.default_rng(1),
                           how_many_training_steps=arguments.steps, train_batch_size=100, log=no_log)
 
-    report["training_numpy"] = best_of(numpy_training, repeats)
+    report["training_numpy"] = best_of(lambda: numpy_training(train_x, train_y, validation_x, validation_y), repeats)
     report["training_numpy"].update(rows=arguments.train_rows, steps=arguments.steps)
-    report["training_floor"] = best_of(lambda: training_floor(train_x, train_y, arguments.steps, rng), repeats)
+    report["training_floor"] = best_of(lambda: training_floor(train_x, arguments.steps, rng), repeats)
     # The same loop at the size of the Shenzhen set's training split (80% of 662 X-rays): its rows fit in cache.
     small_x, small_y = synthetic_bottlenecks(SHENZHEN_TRAINING_ROWS, rng)
     report["training_numpy_shenzhen"] = best_of(
-        lambda: train_final_layer(small_x, small_y, small_x[:66], small_y[:66], 2, np.random.default_rng(1),
-                                  how_many_training_steps=arguments.steps, train_batch_size=100, log=no_log), repeats)
-    report["training_floor_shenzhen"] = best_of(lambda: training_floor(small_x, small_y, arguments.steps, rng),
-                                                repeats)
+        lambda: numpy_training(small_x, small_y, small_x[:66], small_y[:66]), repeats)
+    report["training_floor_shenzhen"] = best_of(lambda: training_floor(small_x, arguments.steps, rng), repeats)
 
     # (f) the bottleneck store
     say(f"(f) loading {arguments.store_rows} cached bottlenecks ...")
