@@ -51,11 +51,12 @@ import onnxruntime
 from PIL import Image
 
 import mini_retrain
-from mini_retrain import bottlenecks as bottleneck_store
-from mini_retrain.backbone import Backbone, backbone_input, load_backbone, run_backbone, session_options
-from mini_retrain.backbone_build import cache_dir, ensure_backbone, sidecar_path
-from mini_retrain.images import read_image
-from mini_retrain.train import train_final_layer
+from mini_retrain.pipeline import bottlenecks as bottleneck_store
+from mini_retrain.pipeline.backbone import Backbone, backbone_input, load_backbone, run_backbone, session_options
+from mini_retrain.build.backbone_build import ensure_backbone, sidecar_path
+from mini_retrain.paths import cache_dir
+from mini_retrain.pipeline.images import read_image
+from mini_retrain.core.train import train_final_layer
 
 DEMO_FOLDER = Path(mini_retrain.__file__).parent / "demo_data" / "pneumonia-demo"
 MULTIPLY_ADDS_ASSUMED = 5.7e9  # Inception v3 at 299x299, per image (the issue's figure; we also count it from the graph)
@@ -328,7 +329,7 @@ print(json.dumps(result))
 
 ARENA_CHILD = r"""
 import json, sys, time, numpy as np, onnxruntime
-from mini_retrain.backbone import load_backbone, session_options
+from mini_retrain.pipeline.backbone import load_backbone, session_options
 arena, batch, repeats = sys.argv[1] == "on", int(sys.argv[2]), int(sys.argv[3])
 backbone = load_backbone(verbose=False)
 options = session_options()  # the product's options, with only the arena changed

@@ -13,7 +13,7 @@ from mini_retrain import __version__
 
 
 def _backbone(args: argparse.Namespace) -> int:
-    from mini_retrain.backbone_build import build_backbone
+    from mini_retrain.build.backbone_build import build_backbone
 
     path = build_backbone(args.output, args.weights)
     print(path)
@@ -22,14 +22,14 @@ def _backbone(args: argparse.Namespace) -> int:
 
 def _settings(args: argparse.Namespace, **overrides):
     """RetrainSettings from the parsed flags that are among its fields (the others belong to the command itself)."""
-    from mini_retrain.retrain import RetrainSettings
+    from mini_retrain.settings import RetrainSettings
 
     fields = set(RetrainSettings.__dataclass_fields__)
     return RetrainSettings(**{**{k: v for k, v in vars(args).items() if k in fields}, **overrides})
 
 
 def _retrain(args: argparse.Namespace) -> int:
-    from mini_retrain.retrain import retrain
+    from mini_retrain.commands.retrain import retrain
 
     retrain(_settings(args, class_balancing=args.class_balancing == "on"))
     return 0
@@ -38,7 +38,8 @@ def _retrain(args: argparse.Namespace) -> int:
 def _label(args: argparse.Namespace) -> int:
     import json
 
-    from mini_retrain.label import format_result, image_paths, label_images, load_retrained
+    from mini_retrain.commands.label import format_result, label_images
+    from mini_retrain.pipeline.retrained_graph import image_paths, load_retrained
 
     model = load_retrained(args.graph, args.labels, args.device)
     paths = image_paths(args.image)
@@ -53,15 +54,15 @@ def _label(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from mini_retrain.demo import run_demo
+    from mini_retrain.commands.demo import run_demo
 
     run_demo(args.output_dir, args.backbone, args.device, args.how_many_training_steps)
     return 0
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from mini_retrain.cam import explain_images
-    from mini_retrain.label import image_paths
+    from mini_retrain.evaluation.cam import explain_images
+    from mini_retrain.pipeline.retrained_graph import image_paths
 
     paths = image_paths(args.image)
     explain_images(args.graph, paths, args.output, args.labels, args.label, args.device)
@@ -94,7 +95,7 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of the commands that read a folder of class subfolders (retrain, crossval, sweep)."""
     parser.add_argument("--image_dir", type=Path, required=True, help="folder with one subfolder of images per class")
     parser.add_argument("--bottleneck_dir", type=Path, default=None,
-                        help="bottleneck cache folder (default: ~/.cache/mini_retrain/bottlenecks; keyed by image "
+                        help="bottleneck cache folder (default: ~/.cache/mini_retrain/pipeline/bottlenecks; keyed by image "
                         "content)")
     parser.add_argument("--on_bad_image", choices=("skip", "error"), default="skip",
                         help="an unreadable image: skip it with a message, or stop")
@@ -187,7 +188,7 @@ def _add_demo_parser(commands) -> None:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from mini_retrain.prepare import prepare
+    from mini_retrain.commands.prepare import prepare
 
     prepare(args.nlm, args.output, holdout=args.holdout, holdout_dir=args.holdout_dir, copy=args.copy,
             random_seed=args.random_seed)
@@ -214,7 +215,7 @@ def _add_prepare_parser(commands) -> None:
 
 
 def _crossval(args: argparse.Namespace) -> int:
-    from mini_retrain.crossval import crossval
+    from mini_retrain.commands.crossval import crossval
 
     crossval(_settings(args), args.folds, args.output_json)
     return 0
@@ -239,7 +240,7 @@ def _add_crossval_parser(commands) -> None:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from mini_retrain.sweep import parse_grid, sweep
+    from mini_retrain.commands.sweep import parse_grid, sweep
 
     grid = parse_grid(args.learning_rates, args.training_steps, args.class_balancing)
     sweep(_settings(args, class_balancing=True), *grid, args.output_json)  # the grid decides the balancing

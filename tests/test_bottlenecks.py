@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from mini_retrain.bottlenecks import compact_store, load_store, write_shard
+from mini_retrain.pipeline.bottlenecks import compact_store, load_store, write_shard
 
 
 def keys_for(prefix: str, n: int) -> list[str]:
@@ -69,9 +69,9 @@ def test_files_hashed_by_several_threads_keep_their_order(tmp_path, tiny_backbon
     import pytest
     from PIL import Image
 
-    from mini_retrain.backbone import load_backbone
-    from mini_retrain.bottlenecks import get_bottlenecks
-    from mini_retrain.images import BadImageError
+    from mini_retrain.pipeline.backbone import load_backbone
+    from mini_retrain.pipeline.bottlenecks import get_bottlenecks
+    from mini_retrain.pipeline.images import BadImageError
 
     rng = np.random.default_rng(0)
     paths = []

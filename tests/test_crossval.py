@@ -1,4 +1,4 @@
-"""Tests for mini_retrain.crossval: fold properties (hypothesis), honest out-of-fold predictions, and the CLI on the
+"""Tests for mini_retrain.commands.crossval: fold properties (hypothesis), honest out-of-fold predictions, and the CLI on the
 real demo X-rays with the real Inception v3."""
 
 import json
@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 from scipy.stats import norm
 
 from mini_retrain.cli import main
-from mini_retrain.crossval import assign_folds, cross_validate
-from mini_retrain.retrain import Dataset
-from mini_retrain.train import accuracy, train_final_layer
+from mini_retrain.commands.crossval import assign_folds, cross_validate
+from mini_retrain.pipeline.dataset import Dataset
+from mini_retrain.core.train import accuracy, train_final_layer
 from tests.conftest import DEMO_DATA
 
 

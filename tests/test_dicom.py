@@ -1,4 +1,4 @@
-"""Tests for mini_retrain.dicom: tiny DICOM files written here with pydicom, expected grey levels
+"""Tests for mini_retrain.pipeline.dicom: tiny DICOM files written here with pydicom, expected grey levels
 worked out by hand from DICOM PS3.3 C.11; the real radiograph RG1_UNCR.dcm from pydicom-data is
 checked against pydicom's own windowing code and against anatomy.
 
@@ -13,8 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mini_retrain.dicom import apply_window, read_dicom
-from mini_retrain.images import BadImageError, read_image
+from mini_retrain.pipeline.dicom import apply_window, read_dicom
+from mini_retrain.pipeline.images import BadImageError, read_image
 from tests.conftest import mutated, read_or_bad
 
 

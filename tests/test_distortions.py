@@ -1,4 +1,4 @@
-"""Tests for mini_retrain.distortions: bilinear resize against a slow reference, distort's steps."""
+"""Tests for mini_retrain.pipeline.distortions: bilinear resize against a slow reference, distort's steps."""
 
 import math
 
@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mini_retrain.distortions import distort, distortions_requested, resize_bilinear
-from mini_retrain.images import to_backbone_input
+from mini_retrain.pipeline.distortions import distort, distortions_requested, resize_bilinear
+from mini_retrain.pipeline.images import to_backbone_input
 
 
 def slow_resize_bilinear(pixels: np.ndarray, height: int, width: int) -> np.ndarray:

@@ -110,7 +110,7 @@ def heading_ids(prose: str) -> set[str]:
 def resolve(dotted: str) -> tuple[object, Path]:
     """The object a dotted name names, and the file of the innermost module on its path.
 
-    "mini_retrain.softmax_layer.gradients" -> (the function, .../mini_retrain/softmax_layer.py).
+    "mini_retrain.core.softmax_layer.gradients" -> (the function, .../mini_retrain/core/softmax_layer.py).
     Raises ImportError or AttributeError when a part does not exist.
     """
     parts = dotted.split(".")
@@ -338,7 +338,9 @@ def test_numbers_quoted_from_the_code(cli):
     import inspect
     import math
 
-    from mini_retrain import image_lists, metrics, ood, softmax_layer, split
+    from mini_retrain.core import softmax_layer, split
+    from mini_retrain.evaluation import metrics, ood
+    from mini_retrain.pipeline import image_lists
 
     _, parsers = cli
     retrain, sweep, label = _defaults(parsers, "retrain"), _defaults(parsers, "sweep"), _defaults(parsers, "label")
@@ -384,8 +386,8 @@ def test_the_checks_catch_mistakes(cli):
     doc = DOCS / "imaginary.md"  # never written: the links are resolved from docs/
     text = "\n".join([
         "# Title",
-        "See [`mini_retrain.softmax_layer.no_such_function`](../mini_retrain/softmax_layer.py).",
-        "And [`mini_retrain.softmax_layer.softmax`](../mini_retrain/split.py), [gone](missing.md),",
+        "See [`mini_retrain.core.softmax_layer.no_such_function`](../mini_retrain/core/softmax_layer.py).",
+        "And [`mini_retrain.core.softmax_layer.softmax`](../mini_retrain/core/split.py), [gone](missing.md),",
         "[anchor](algorithm.md#no-such-heading), [fine](algorithm.md#1-the-pipeline-at-a-glance), `--no_such_flag`,",
         "`label --report x` (a flag of retrain, not of label), `pip download --no-deps x` (not ours).",
         "Inline `mini_retrain retrain --image_dir x --learning_rat 0.1`.",
@@ -403,8 +405,8 @@ def test_the_checks_catch_mistakes(cli):
     ])
     prose, blocks = split_markdown(text)
     assert check_dotted_names(prose) == [
-        "`mini_retrain.softmax_layer.no_such_function` does not resolve "
-        "(mini_retrain.softmax_layer has no 'no_such_function')"]
+        "`mini_retrain.core.softmax_layer.no_such_function` does not resolve "
+        "(mini_retrain.core.softmax_layer has no 'no_such_function')"]
     links = check_links(prose, doc)
     assert len(links) == 3, links
     assert any("should point at the file of its module" in p for p in links)
@@ -420,10 +422,10 @@ def test_the_checks_catch_mistakes(cli):
 
 def test_a_link_to_the_wrong_module_file_is_caught():
     doc = ROOT / "docs" / "imaginary.md"
-    prose = "[`mini_retrain.softmax_layer.softmax`](../mini_retrain/split.py)"
+    prose = "[`mini_retrain.core.softmax_layer.softmax`](../mini_retrain/core/split.py)"
     assert check_links(prose, doc) == [
-        "link [`mini_retrain.softmax_layer.softmax`](../mini_retrain/split.py) should point at the file of its "
-        "module, mini_retrain/softmax_layer.py"]
+        "link [`mini_retrain.core.softmax_layer.softmax`](../mini_retrain/core/split.py) should point at the file of its "
+        "module, mini_retrain/core/softmax_layer.py"]
     assert check_links(prose.replace("split.py", "softmax_layer.py"), doc) == []
 
 

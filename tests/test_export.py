@@ -4,11 +4,11 @@ import numpy as np
 import onnxruntime
 import pytest
 
-from mini_retrain.backbone import load_backbone, run_backbone
-from mini_retrain.export import build_retrained_model, write_labels, write_retrained_graph
-from mini_retrain.label import load_retrained
-from mini_retrain.ood import fit_ood_model, mahalanobis_distance
-from mini_retrain.softmax_layer import compute_logits, softmax
+from mini_retrain.pipeline.backbone import load_backbone, run_backbone
+from mini_retrain.pipeline.export import build_retrained_model, write_labels, write_retrained_graph
+from mini_retrain.pipeline.retrained_graph import load_retrained
+from mini_retrain.evaluation.ood import fit_ood_model, mahalanobis_distance
+from mini_retrain.core.softmax_layer import compute_logits, softmax
 
 
 @pytest.fixture

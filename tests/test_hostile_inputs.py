@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 from mini_retrain.cli import main
-from mini_retrain.split import which_split
+from mini_retrain.core.split import which_split
 from tests.conftest import DEMO_DATA
 
 XRAYS = DEMO_DATA / "pneumonia-demo"
@@ -221,8 +221,8 @@ def test_retrain_survives_the_hostile_folder(hostile):
 
 def fix_for(path: Path) -> str:
     """The fix that mini_retrain's own checks give for a bad file (hashing it, then decoding it)."""
-    from mini_retrain.bottlenecks import _content_key
-    from mini_retrain.images import BadImageError, read_image
+    from mini_retrain.pipeline.bottlenecks import _content_key
+    from mini_retrain.pipeline.images import BadImageError, read_image
 
     try:
         _content_key(path)
@@ -274,8 +274,8 @@ def test_unusual_formats_are_used_and_give_the_same_bottleneck(hostile, real_bac
     """Cache rows by file content: a PNG named .jpg, a DICOM and (as root) the chmod-000 copy have the pixels of
     their source JPEG, so the same bottleneck; the 12-bit PNG is within a grey level, so its bottleneck is far
     closer to its source's than the source's is to any other X-ray."""
-    from mini_retrain.bottlenecks import load_store, store_folder
-    from mini_retrain.images import file_sha1
+    from mini_retrain.pipeline.bottlenecks import load_store, store_folder
+    from mini_retrain.pipeline.images import file_sha1
 
     corpus, folder, _, _, _ = hostile
     index, values = load_store(store_folder(folder / "bottlenecks", real_backbone))

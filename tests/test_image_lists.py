@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mini_retrain.image_lists import find_images, label_for_folder
+from mini_retrain.pipeline.image_lists import find_images, label_for_folder
 
 
 def touch(path, data=b"x"):

@@ -1,4 +1,4 @@
-"""Tests for mini_retrain.images: every pixel mode, every failure, the backbone input, fuzzing.
+"""Tests for mini_retrain.pipeline.images: every pixel mode, every failure, the backbone input, fuzzing.
 
 All images are made here with Pillow/NumPy; expected pixel values are worked out by hand
 from the rules in images._to_8bit's docstring.
@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mini_retrain.images import (
+from mini_retrain.pipeline.images import (
     IMAGE_EXTENSIONS,
     INPUT_SIZE,
     BadImageError,

@@ -50,8 +50,8 @@ def images(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def expected(images, real_backbone) -> dict[str, np.ndarray]:
     """SHA-1 of each file -> its bottleneck, computed here without the cache: read, resize, normalise, backbone."""
-    from mini_retrain.backbone import run_backbone
-    from mini_retrain.images import file_sha1, load_backbone_input
+    from mini_retrain.pipeline.backbone import run_backbone
+    from mini_retrain.pipeline.images import file_sha1, load_backbone_input
 
     paths = sorted(images.glob("*/*.png"))
     batches = [np.stack([load_backbone_input(path) for path in paths[i:i + 10]]) for i in range(0, len(paths), 10)]
@@ -60,7 +60,7 @@ def expected(images, real_backbone) -> dict[str, np.ndarray]:
 
 
 def store_of(bottleneck_dir: Path, backbone) -> Path:
-    from mini_retrain.bottlenecks import store_folder
+    from mini_retrain.pipeline.bottlenecks import store_folder
 
     return store_folder(bottleneck_dir, backbone)
 

@@ -1,4 +1,4 @@
-"""Tests for mini_retrain.metrics: every expected value is worked out by hand or by an independent method."""
+"""Tests for mini_retrain.evaluation.metrics: every expected value is worked out by hand or by an independent method."""
 
 import json
 import math
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import norm
 
-from mini_retrain.metrics import (
+from mini_retrain.evaluation.metrics import (
     auc_interval,
     calibration,
     confusion_matrix,

@@ -1,11 +1,11 @@
-"""Tests for mini_retrain.ood on synthetic bottlenecks whose distribution we know."""
+"""Tests for mini_retrain.evaluation.ood on synthetic bottlenecks whose distribution we know."""
 
 from typing import NamedTuple
 
 import numpy as np
 import pytest
 
-from mini_retrain.ood import (
+from mini_retrain.evaluation.ood import (
     THRESHOLD_MARGIN,
     OODModel,
     fit_ood_model,

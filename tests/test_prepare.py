@@ -1,4 +1,4 @@
-"""Tests for mini_retrain.prepare on a FAKE NLM download built here (tiny PNGs, the real folder layout).
+"""Tests for mini_retrain.commands.prepare on a FAKE NLM download built here (tiny PNGs, the real folder layout).
 
 Expected counts come from the tree the test builds, never from running prepare: the label of a name is read off its
 last digit by hand below, and the skipped count is the number of non-X-ray files the builder wrote.
@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mini_retrain.cli import main
-from mini_retrain.prepare import NlmImage, find_nlm_images, prepare
+from mini_retrain.commands.prepare import NlmImage, find_nlm_images, prepare
 
 SHENZHEN = {**{f"CHNCXR_{i:04d}_0.png": "normal" for i in range(1, 7)},  # 6 normal
             **{f"CHNCXR_{i:04d}_1.png": "abnormal" for i in range(327, 332)}}  # 5 abnormal

@@ -1,4 +1,4 @@
-"""Tests for mini_retrain.report: the page shows the right numbers, links only plots that exist, escapes text.
+"""Tests for mini_retrain.evaluation.report: the page shows the right numbers, links only plots that exist, escapes text.
 
 Expected numbers are recomputed here by independent means (loops over images and over positive/negative
 pairs, the other closed form of the Wilson interval, the standard library's normal quantile), never read
@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mini_retrain.metrics import evaluate
-from mini_retrain.report import INSTALL_HINT, PLOT_FILES, write_report
+from mini_retrain.evaluation.metrics import evaluate
+from mini_retrain.evaluation.report import INSTALL_HINT, PLOT_FILES, write_report
 
 Z95 = NormalDist().inv_cdf(0.975)
 TWO_CLASSES = ["normal", "abnormal"]  # "abnormal" is the positive class

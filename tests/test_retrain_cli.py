@@ -79,8 +79,8 @@ def test_exported_graph_is_backbone_plus_softmax_layer(trained, real_backbone):
     """final_result = softmax(pool_3 @ W + b) with the weights of the .npz, computed here in NumPy."""
     import onnxruntime
 
-    from mini_retrain.backbone import run_backbone
-    from mini_retrain.images import load_backbone_input
+    from mini_retrain.pipeline.backbone import run_backbone
+    from mini_retrain.pipeline.images import load_backbone_input
 
     folder, _ = trained
     layer = np.load(folder / "graph.final_layer.npz", allow_pickle=False)
@@ -143,8 +143,8 @@ def test_label_refuses_a_graph_that_is_not_ours(real_backbone_path, capsys):
 
 
 def test_explain_heat_map_mean_equals_logit_minus_bias(trained, tmp_path, capsys):
-    from mini_retrain.cam import explain_image, final_weights
-    from mini_retrain.label import load_retrained
+    from mini_retrain.evaluation.cam import explain_image, final_weights
+    from mini_retrain.pipeline.retrained_graph import load_retrained
 
     folder, _ = trained
     model = load_retrained(folder / "graph.onnx", folder / "labels.txt", "cpu")
@@ -214,7 +214,7 @@ def test_help_of_every_subcommand_shows_defaults(capsys):
 
 @pytest.mark.parametrize("flag, expected", [("on", True), ("off", False)])
 def test_class_balancing_flag_reaches_the_training_loop(trained, monkeypatch, flag, expected, real_backbone_path):
-    import mini_retrain.retrain as retrain_module
+    import mini_retrain.commands.retrain as retrain_module
 
     seen = {}
     real_loop = retrain_module.train_final_layer
@@ -235,7 +235,7 @@ def test_class_balancing_flag_reaches_the_training_loop(trained, monkeypatch, fl
 def test_fast_decode_is_cached_apart_stored_in_the_graph_and_followed_by_label(tmp_path, real_backbone_path, capsys):
     import onnxruntime
 
-    from mini_retrain.images import read_image, resize_for_backbone, to_backbone_input
+    from mini_retrain.pipeline.images import read_image, resize_for_backbone, to_backbone_input
 
     image_dir = copy_demo(tmp_path / "images")
     bottlenecks, graph = tmp_path / "bottlenecks", tmp_path / "fast.onnx"

@@ -1,4 +1,4 @@
-"""Tests for mini_retrain.sampling: class-balanced batches drawn with replacement, as in retrain.py."""
+"""Tests for mini_retrain.core.sampling: class-balanced batches drawn with replacement, as in retrain.py."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from mini_retrain.sampling import sample_batch
+from mini_retrain.core.sampling import sample_batch
 
 
 def unbalanced_labels(rng: np.random.Generator) -> np.ndarray:

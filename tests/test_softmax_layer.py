@@ -1,4 +1,4 @@
-"""Tests for mini_retrain.softmax_layer: the equations, checked against hand values and finite differences."""
+"""Tests for mini_retrain.core.softmax_layer: the equations, checked against hand values and finite differences."""
 
 import math
 
@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from scipy import stats
 
-from mini_retrain.softmax_layer import (
+from mini_retrain.core.softmax_layer import (
     compute_logits,
     cross_entropy,
     gradient_descent_step,

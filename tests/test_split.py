@@ -1,4 +1,4 @@
-"""Tests for mini_retrain.split: retrain.py's hashing rule on relative paths, and the small-class rule."""
+"""Tests for mini_retrain.core.split: retrain.py's hashing rule on relative paths, and the small-class rule."""
 
 import hashlib
 import posixpath
@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from mini_retrain.split import SPLITS, hash_key, percentage_hash, split_image_lists, which_split
+from mini_retrain.core.split import SPLITS, hash_key, percentage_hash, split_image_lists, which_split
 
 
 def retrain_percentage(name: str) -> float:

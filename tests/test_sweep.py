@@ -1,4 +1,4 @@
-"""Tests for mini_retrain.sweep: the two samplers, the selection rule, the test split's exclusion from the choice,
+"""Tests for mini_retrain.commands.sweep: the two samplers, the selection rule, the test split's exclusion from the choice,
 and the CLI on the real demo X-rays with the real Inception v3."""
 
 import json
@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import mini_retrain.sweep as sweep_module
+import mini_retrain.commands.sweep as sweep_module
 from mini_retrain.cli import main
-from mini_retrain.retrain import Dataset
-from mini_retrain.sampling import sample_batch, uniform_batch
-from mini_retrain.softmax_layer import softmax
-from mini_retrain.sweep import choose_setting, grid_search, parse_grid
-from mini_retrain.train import train_final_layer, train_layer
+from mini_retrain.pipeline.dataset import Dataset
+from mini_retrain.core.sampling import sample_batch, uniform_batch
+from mini_retrain.core.softmax_layer import softmax
+from mini_retrain.commands.sweep import choose_setting, grid_search, parse_grid
+from mini_retrain.core.train import train_final_layer, train_layer
 from tests.conftest import DEMO_DATA
 
 

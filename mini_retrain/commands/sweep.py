@@ -29,12 +29,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mini_retrain.atomic_write import write_bytes_atomically
-from mini_retrain.crossval import check_output_json
-from mini_retrain.metrics import evaluate, format_evaluation, wilson_interval
-from mini_retrain.retrain import Dataset, RetrainSettings, load_dataset
-from mini_retrain.softmax_layer import compute_logits, cross_entropy, softmax
-from mini_retrain.train import FinalLayer, train_layer
+from mini_retrain.paths import write_bytes_atomically
+from mini_retrain.commands.crossval import check_output_json
+from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
+from mini_retrain.pipeline.dataset import Dataset, load_dataset
+from mini_retrain.settings import RetrainSettings
+from mini_retrain.core.softmax_layer import compute_logits, cross_entropy, softmax
+from mini_retrain.core.train import FinalLayer, train_layer
 
 def choose_setting(rows: list[dict]) -> int:
     """Index of the winner: highest validation accuracy; ties: lowest validation cross-entropy; then the first row.

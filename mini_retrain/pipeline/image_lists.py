@@ -18,7 +18,7 @@ import os
 import re
 from pathlib import Path
 
-from mini_retrain.images import IMAGE_EXTENSIONS
+from mini_retrain.pipeline.images import IMAGE_EXTENSIONS
 
 MIN_IMAGES_PER_CLASS = 20  # retrain.py warns below this
 

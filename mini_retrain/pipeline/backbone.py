@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from mini_retrain.backbone_build import ensure_backbone, sidecar_path
+from mini_retrain.build.backbone_build import ensure_backbone, sidecar_path
 
 DEVICES = ("auto", "cpu", "cuda")
 REQUIRED_SIDECAR_KEYS = ("input_name", "input_size", "input_mean", "input_std", "bottleneck_output", "bottleneck_size")
@@ -103,7 +103,7 @@ def load_backbone(path: str | Path | None = None, device: str = "auto", verbose:
 
 def backbone_input(image, sidecar: dict[str, Any], fast: bool = False) -> np.ndarray:
     """A decoded RGB or grey image -> the network's input (3, H, W) float32: resize, then (x - mean) / std as the sidecar says."""
-    from mini_retrain.images import resize_for_backbone, to_backbone_input
+    from mini_retrain.pipeline.images import resize_for_backbone, to_backbone_input
 
     height, width = sidecar["input_size"]
     if height != width:

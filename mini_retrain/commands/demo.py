@@ -14,8 +14,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from mini_retrain.label import format_result, label_images, load_retrained
-from mini_retrain.retrain import RetrainSettings, retrain
+from mini_retrain.commands.label import format_result, label_images
+from mini_retrain.pipeline.retrained_graph import load_retrained
+from mini_retrain.commands.retrain import retrain
+from mini_retrain.settings import RetrainSettings
 
 DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
 HELD_OUT = ["pneumonia-demo/normal/NORMAL2-IM-1442-0001.jpeg", "pneumonia-demo/pneumonia/person1954_bacteria_4886.jpeg"]

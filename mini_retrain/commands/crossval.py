@@ -26,12 +26,13 @@ from pathlib import Path
 
 import numpy as np
 
-from mini_retrain.atomic_write import write_bytes_atomically
-from mini_retrain.metrics import evaluate, format_evaluation, wilson_interval
-from mini_retrain.retrain import Dataset, RetrainSettings, load_dataset
-from mini_retrain.softmax_layer import compute_logits, softmax
-from mini_retrain.split import hash_key
-from mini_retrain.train import train_layer
+from mini_retrain.paths import write_bytes_atomically
+from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
+from mini_retrain.pipeline.dataset import Dataset, load_dataset
+from mini_retrain.settings import RetrainSettings
+from mini_retrain.core.softmax_layer import compute_logits, softmax
+from mini_retrain.core.split import hash_key
+from mini_retrain.core.train import train_layer
 
 
 def assign_folds(files: list[str], class_indices: np.ndarray, folds: int, rng: np.random.Generator,

@@ -10,59 +10,18 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
-from mini_retrain.atomic_write import write_bytes_atomically
-from mini_retrain.backbone import Backbone, load_backbone, run_backbone
-from mini_retrain.backbone_build import cache_dir
-from mini_retrain.bottlenecks import get_bottlenecks
-from mini_retrain.image_lists import find_images
-from mini_retrain.split import SPLITS, split_image_lists
-from mini_retrain.train import FinalLayer, train_final_layer
-
-
-@dataclasses.dataclass(frozen=True)
-class RetrainSettings:
-    """retrain.py's flags, with its defaults (paths default to the current folder rather than /tmp)."""
-
-    image_dir: Path
-    output_graph: Path = Path("retrained_graph.onnx")
-    output_labels: Path = Path("retrained_labels.txt")
-    output_weights: Path | None = None  # default: <output_graph>.final_layer.npz
-    summaries_dir: Path | None = None
-    bottleneck_dir: Path | None = None  # default: the per-user cache (bottlenecks are keyed by content)
-    backbone: Path | None = None
-    device: str = "auto"
-    how_many_training_steps: int = 4000
-    learning_rate: float = 0.01
-    testing_percentage: float = 10.0
-    validation_percentage: float = 10.0
-    eval_step_interval: int = 10
-    train_batch_size: int = 100
-    test_batch_size: int = -1
-    validation_batch_size: int = 100
-    print_misclassified_test_images: bool = False
-    final_tensor_name: str = "final_result"
-    flip_left_right: bool = False
-    random_crop: float = 0.0
-    random_scale: float = 0.0
-    random_brightness: float = 0.0
-    intermediate_store_frequency: int = 0
-    intermediate_output_graphs_dir: Path = Path("intermediate_graphs")
-    random_seed: int = 0
-    class_balancing: bool = True  # retrain.py's batches: a class uniformly, then an image (see sampling.py)
-    fast_decode: bool = False  # JPEG draft + Image.reduce before the resize (images.py); stored in the graph
-    on_bad_image: str = "skip"
-    positive_label: str | None = None
-    explain_misclassified: Path | None = None
-    report: Path | None = None
+from mini_retrain.core.train import FinalLayer, train_final_layer
+from mini_retrain.paths import cache_dir, write_bytes_atomically
+from mini_retrain.pipeline.backbone import run_backbone
+from mini_retrain.pipeline.dataset import load_dataset
+from mini_retrain.settings import RetrainSettings
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -71,10 +30,10 @@ def _write_text(path: Path, text: str) -> None:
 
 def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> dict:
     """Run the whole of retrain.py; return the test evaluation (also written as JSON beside the graph)."""
-    from mini_retrain.export import build_retrained_model, write_final_layer, write_labels, write_retrained_graph
-    from mini_retrain.metrics import evaluate, format_evaluation
-    from mini_retrain.ood import fit_ood_model
-    from mini_retrain.softmax_layer import compute_logits, softmax
+    from mini_retrain.pipeline.export import build_retrained_model, write_final_layer, write_labels, write_retrained_graph
+    from mini_retrain.evaluation.metrics import evaluate, format_evaluation
+    from mini_retrain.evaluation.ood import fit_ood_model
+    from mini_retrain.core.softmax_layer import compute_logits, softmax
 
     _check_outputs_writable(settings)
 
@@ -135,75 +94,16 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
     if settings.summaries_dir is not None:
         _write_summaries(settings.summaries_dir, history)
     if settings.report is not None:
-        from mini_retrain.report import write_report
+        from mini_retrain.evaluation.report import write_report
 
         log(f"Wrote report {write_report(settings.report, history, evaluation, labels)}")
     if settings.explain_misclassified is not None and misclassified:
-        from mini_retrain.cam import explain_images
+        from mini_retrain.evaluation.cam import explain_images
 
         explain_images(settings.output_graph, [settings.image_dir / f for f, _, _ in misclassified],
                        settings.explain_misclassified, log=log)
     log(f"Wrote {settings.output_graph}, {settings.output_labels}, {weights_path} and {metrics_path}")
     return evaluation
-
-
-class Dataset(NamedTuple):
-    """Every usable image of an image_dir with its label, split and bottleneck (one row each)."""
-
-    image_dir: Path
-    labels: list[str]  # class index -> label, sorted
-    files: list[str]  # (n,) paths relative to image_dir
-    splits: np.ndarray  # (n,) "training" / "validation" / "testing"
-    class_indices: np.ndarray  # (n,) int64
-    bottlenecks: np.ndarray  # (n, D) float32
-    keys: list[str]  # (n,) SHA-1 of each file: equal keys are identical files
-    backbone: Backbone
-
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """(bottlenecks, class indices, relative files) of one split."""
-        rows = np.flatnonzero(self.splits == name)
-        return self.bottlenecks[rows], self.class_indices[rows], [self.files[r] for r in rows]
-
-
-def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print) -> Dataset:
-    """Steps 1-3: find the images, split them, get their bottlenecks (cached); report duplicates.
-
-    Uses image_dir, validation_percentage, testing_percentage, backbone, device, bottleneck_dir, on_bad_image and
-    fast_decode of `settings`. The folder is listed and split before the backbone is loaded (or built), so a missing
-    folder, a single class or bad percentages are reported at once.
-    """
-    image_dir = Path(settings.image_dir)
-    image_lists, warnings = find_images(image_dir)
-    splits, split_warnings = split_image_lists(image_lists, settings.validation_percentage,
-                                               settings.testing_percentage)
-    backbone = load_backbone(settings.backbone, settings.device)
-    for warning in warnings + split_warnings:
-        log(warning)
-    labels = list(splits)  # class index order = sorted label order
-    log(f"Found {sum(len(v) for v in image_lists.values())} images in {len(labels)} classes: "
-        + ", ".join(f"{label} ({len(image_lists[label])})" for label in labels))
-
-    entries = [(split, index, relative) for index, label in enumerate(labels)
-               for split in SPLITS for relative in splits[label][split]]
-    bottleneck_dir = settings.bottleneck_dir or cache_dir() / "bottlenecks"
-    result = get_bottlenecks([image_dir / relative for _, _, relative in entries], backbone, bottleneck_dir,
-                             on_bad_image=settings.on_bad_image, log=log, fast_decode=settings.fast_decode)
-    copies = len(result.keys) - len(set(result.keys))  # identical files: one bottleneck serves them all
-    log(f"{len(result.kept)} bottlenecks ready ({result.computed} computed now, "
-        f"{len(result.kept) - copies - result.computed} from the cache in {bottleneck_dir}"
-        + (f", {copies} for identical copies)" if copies else ")"))
-    if result.bad:
-        log(f"{len(result.bad)} image(s) skipped:")
-        for path, reason in result.bad:
-            log(f"  {path}: {reason}")
-    kept = [entries[i] for i in result.kept]
-    _report_duplicates(kept, result.keys, labels, log)
-    dataset = Dataset(image_dir, labels, [relative for _, _, relative in kept], np.array([s for s, _, _ in kept]),
-                      np.array([c for _, c, _ in kept], dtype=np.int64), result.values, result.keys, backbone)
-    for index, label in enumerate(labels):
-        if not np.any((dataset.class_indices == index) & (dataset.splits == "training")):
-            raise ValueError(f"{image_dir}: class '{label}' has no usable training image; add readable images to it")
-    return dataset
 
 
 def _check_outputs_writable(settings: RetrainSettings) -> None:
@@ -231,25 +131,8 @@ def _check_outputs_writable(settings: RetrainSettings) -> None:
             raise ValueError(f"{path}: {reason}; choose another output path") from None
 
 
-def _report_duplicates(entries: list[tuple[str, int, str]], keys: list[str], labels: list[str],
-                       log: Callable[[str], None]) -> None:
-    """Identical files (same SHA-1) in two splits leak test data into training; in two classes they contradict."""
-    by_key: dict[str, list[tuple[str, int, str]]] = {}
-    for entry, key in zip(entries, keys):
-        by_key.setdefault(key, []).append(entry)
-    for copies in by_key.values():
-        if len(copies) < 2:
-            continue
-        names = ", ".join(relative for _, _, relative in copies)
-        if len({label for _, label, _ in copies}) > 1:
-            log(f"WARNING: identical images with different labels (label conflict): {names}")
-        if len({split for split, _, _ in copies}) > 1:
-            log(f"WARNING: identical images in different splits (data leak: "
-                f"{'/'.join(sorted({s for s, _, _ in copies}))}): {names}")
-
-
 def _wants_distortions(settings: RetrainSettings) -> bool:
-    from mini_retrain.distortions import distortions_requested
+    from mini_retrain.pipeline.distortions import distortions_requested
 
     return distortions_requested(settings.flip_left_right, settings.random_crop, settings.random_scale,
                                  settings.random_brightness)
@@ -260,8 +143,8 @@ def _distorted_bottlenecks(settings: RetrainSettings, backbone, train_files: lis
 
     Images are decoded once and kept in memory, shrunk to the largest size a distortion can ask for.
     """
-    from mini_retrain.distortions import distort
-    from mini_retrain.images import read_image
+    from mini_retrain.pipeline.distortions import distort
+    from mini_retrain.pipeline.images import read_image
 
     size = backbone.sidecar["input_size"][0]
     largest = int(np.ceil(size * (1 + settings.random_crop / 100) * (1 + settings.random_scale / 100)))
@@ -283,7 +166,7 @@ def _distorted_bottlenecks(settings: RetrainSettings, backbone, train_files: lis
 
 
 def _intermediate_writer(settings: RetrainSettings, backbone, labels: list[str], log: Callable[[str], None]):
-    from mini_retrain.export import build_retrained_model, write_retrained_graph
+    from mini_retrain.pipeline.export import build_retrained_model, write_retrained_graph
 
     def on_step(step: int, layer: FinalLayer) -> None:
         if step > 0 and step % settings.intermediate_store_frequency == 0:

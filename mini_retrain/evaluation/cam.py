@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mini_retrain.label import RetrainedModel, load_retrained, model_input
-from mini_retrain.images import read_image
+from mini_retrain.pipeline.retrained_graph import RetrainedModel, load_retrained, model_input
+from mini_retrain.pipeline.images import read_image
 
 
 def class_activation_map(spatial: np.ndarray, weights: np.ndarray, class_index: int) -> np.ndarray:

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from mini_retrain.images import BadImageError
+from mini_retrain.errors import BadImageError
 
 _INSTALL = "pip install 'mini_retrain[dicom]'"
 _REEXPORT = "re-export the image from the archive as a single uncompressed DICOM file"

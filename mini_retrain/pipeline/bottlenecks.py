@@ -33,9 +33,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mini_retrain.atomic_write import write_bytes_atomically
-from mini_retrain.backbone import Backbone, backbone_input, run_backbone
-from mini_retrain.images import BadImageError, file_sha1, read_image
+from mini_retrain.paths import write_bytes_atomically
+from mini_retrain.pipeline.backbone import Backbone, backbone_input, run_backbone
+from mini_retrain.pipeline.images import BadImageError, file_sha1, read_image
 
 PREPROCESSING_VERSION = "p1"  # bump when images.py changes what pixels reach the network
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mini_retrain.atomic_write import write_bytes_atomically
+from mini_retrain.paths import write_bytes_atomically
 
 PLOT_FILES = ("learning_curves.png", "roc_curve.png", "confusion_matrix.png", "reliability.png")
 INSTALL_HINT = "install mini_retrain[report] for the plots (pip install 'mini_retrain[report]')"
@@ -71,7 +71,7 @@ def _check_inputs(folder: Path, history: list[dict], evaluation: dict, labels: l
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"report folder {folder} is a file; pass a folder (it is created if missing)")
     if not isinstance(evaluation, dict) or "n" not in evaluation:
-        raise ValueError("evaluation must be the dict returned by mini_retrain.metrics.evaluate")
+        raise ValueError("evaluation must be the dict returned by mini_retrain.evaluation.metrics.evaluate")
     if evaluation["n"] > 0:
         if evaluation.get("class_names") != labels:
             raise ValueError(

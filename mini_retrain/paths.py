@@ -1,4 +1,8 @@
-"""Write a file so that no reader ever sees half of it: write a temporary file beside it, then rename.
+"""Where mini_retrain keeps its files, and how it writes them.
+
+`cache_dir()`: the per-user folder for the backbone and the bottleneck cache.
+
+`write_bytes_atomically`: so that no reader ever sees half a file, write a temporary file beside it, then rename.
 
 A rename within one folder is atomic on POSIX and Windows file systems: the target is either the old file or the
 complete new one. A run killed mid-write leaves only a hidden `.name.*.tmp`, which nothing reads.
@@ -28,3 +32,11 @@ def write_bytes_atomically(target: str | Path, payload: bytes) -> Path:
         Path(temporary).unlink(missing_ok=True)
         raise
     return target
+
+
+def cache_dir() -> Path:
+    """Per-user folder for the backbone: $MINI_RETRAIN_HOME, else $XDG_CACHE_HOME/mini_retrain, else ~/.cache/mini_retrain."""
+    if os.environ.get("MINI_RETRAIN_HOME"):
+        return Path(os.environ["MINI_RETRAIN_HOME"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mini_retrain"

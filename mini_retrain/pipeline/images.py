@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from mini_retrain.errors import BadImageError
+
 INPUT_SIZE = 299  # Inception v3 sees 299x299 pixels
 MIN_SIDE = 8  # smaller than this is an icon or a broken export, not an X-ray
 # File names callers should pick up when they list a folder (compare `suffix.lower()`).
@@ -34,24 +36,6 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".dcm"})
 PILLOW_FORMATS = ("JPEG", "PNG", "TIFF", "BMP", "GIF", "WEBP")
 _DICOM_MAGIC_OFFSET = 128  # a DICOM file is a 128-byte preamble, then b"DICM", then the data set
 _BOMB_FIX = "downscale the image, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
-
-
-class BadImageError(ValueError):
-    """A file that cannot become a backbone input: `path`, `reason` and `fix` (what to do).
-
-    str(error) is one line: "<path>: <reason> (<fix>)".
-    """
-
-    def __init__(self, path: str | os.PathLike, reason: str, fix: str):
-        self.path = str(path)
-        self.reason = " ".join(str(reason).split())  # decoder messages may hold newlines
-        self.fix = fix
-        super().__init__(f"{self.path}: {self.reason} ({self.fix})")
-
-    def __reduce__(self):
-        # Exceptions pickle as type(self)(*self.args); ours takes three arguments, not the message.
-        # Needed when images are read in worker processes.
-        return (type(self), (self.path, self.reason, self.fix))
 
 
 def read_image(path: str | os.PathLike, fast: bool = False, keep_gray: bool = False) -> Image.Image:
@@ -111,7 +95,7 @@ def read_image(path: str | os.PathLike, fast: bool = False, keep_gray: bool = Fa
 
 
 def _read_dicom(path: Path, keep_gray: bool) -> Image.Image:
-    from mini_retrain.dicom import read_dicom  # imported here: dicom imports BadImageError from us
+    from mini_retrain.pipeline.dicom import read_dicom  # imported here: pydicom is an optional extra
 
     image = read_dicom(path)  # mode "L" or "RGB"
     _check_size(image.size, path)

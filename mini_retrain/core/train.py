@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mini_retrain.sampling import group_by_class, sample_from_groups
-from mini_retrain.softmax_layer import (
+from mini_retrain.core.sampling import group_by_class, sample_from_groups
+from mini_retrain.core.softmax_layer import (
     compute_logits, cross_entropy, gradient_descent_step, init_final_layer, one_hot, unchecked_gradients)
 
 

@@ -1,0 +1,28 @@
+"""The one error type that carries a fix: a file that cannot become a backbone input.
+
+Library functions raise ValueError naming the *parameter* (`learning_rate must be > 0`); the command line
+(mini_retrain/cli.py) maps parameter names to its flags. A bad image is different: it is about a *file*, so it names
+the file, what is wrong and what to do.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class BadImageError(ValueError):
+    """A file that cannot become a backbone input: `path`, `reason` and `fix` (what to do).
+
+    str(error) is one line: "<path>: <reason> (<fix>)".
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str, fix: str):
+        self.path = str(path)
+        self.reason = " ".join(str(reason).split())  # decoder messages may hold newlines
+        self.fix = fix
+        super().__init__(f"{self.path}: {self.reason} ({self.fix})")
+
+    def __reduce__(self):
+        # Exceptions pickle as type(self)(*self.args); ours takes three arguments, not the message.
+        # Needed when images are read in worker processes.
+        return (type(self), (self.path, self.reason, self.fix))
