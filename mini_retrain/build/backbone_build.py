@@ -18,7 +18,10 @@ and write the network node by node with `onnx.helper`, mirroring the archive's o
     pool2   average over the 8x8 grid -> pool_3, the 2048-d bottleneck
 
 Input `images` (N, 3, 299, 299) float32, values (x - 128) / 128. Outputs `pool_3` (N, 2048) and `mixed_10`
-(N, 2048, 8, 8), kept for class activation maps.
+(N, 2048, 8, 8), kept for class activation maps, and for every block `mixed` ... `mixed_9` its global average
+`<block>/avg` (N, channels): earlier blocks are less ImageNet-specific, and `--bottleneck_layers` chooses among them.
+The block's own feature map keeps its name (`mixed_8` is the Concat that ends block mixed_8), so a later graph can
+expose it; the sidecar lists every layer with its size and grid (`layers`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,17 @@ INPUT_NAME = "images"
 BOTTLENECK_OUTPUT = "pool_3"
 SPATIAL_OUTPUT = "mixed_10"
 BATCH_NORM_EPSILON = 0.001
+# The blocks in order, with (channels, grid side) of each one's output feature map for a 299 x 299 input.
+BLOCKS = {"mixed": (256, 35), "mixed_1": (288, 35), "mixed_2": (288, 35), "mixed_3": (768, 17), "mixed_4": (768, 17),
+          "mixed_5": (768, 17), "mixed_6": (768, 17), "mixed_7": (768, 17), "mixed_8": (1280, 8),
+          "mixed_9": (2048, 8), "mixed_10": (2048, 8)}
+# Bumped when the graph's outputs change: an older file in the cache is rebuilt, one the user passed is refused.
+BACKBONE_FORMAT = 2
+
+
+def pooled_output(layer: str) -> str:
+    """The graph output holding the global average of one layer: pool_3 itself, else `<block>/avg`."""
+    return BOTTLENECK_OUTPUT if layer == BOTTLENECK_OUTPUT else f"{layer}/avg"
 
 
 def default_backbone_path() -> Path:
@@ -264,6 +278,9 @@ def build_graph(tensors: dict[str, Any]):
     x = _inception_e(graph, x, SPATIAL_OUTPUT, pool="max")  # (N, 2048, 8, 8)
     pooled = graph.node("AveragePool", [x], "pool2", kernel_shape=[8, 8], strides=[8, 8])  # (N, 2048, 1, 1)
     graph.node("Flatten", [pooled], BOTTLENECK_OUTPUT, axis=1)  # (N, 2048)
+    for block in list(BLOCKS)[:-1]:  # mixed_10's average is pool_3
+        average = graph.node("GlobalAveragePool", [block], f"{block}/global_average")  # (N, C, 1, 1)
+        graph.node("Flatten", [average], pooled_output(block), axis=1)  # (N, C)
 
     used = {f"net.layers.{n.name.rsplit('/', 1)[0]}.weight" for n in graph.nodes if n.op_type == "Conv"}
     unused = sorted(k for k in tensors if k.endswith(".weight") and k not in used)
@@ -277,7 +294,8 @@ def build_graph(tensors: dict[str, Any]):
         [
             helper.make_tensor_value_info(BOTTLENECK_OUTPUT, TensorProto.FLOAT, ["batch", 2048]),
             helper.make_tensor_value_info(SPATIAL_OUTPUT, TensorProto.FLOAT, ["batch", 2048, 8, 8]),
-        ],
+        ] + [helper.make_tensor_value_info(pooled_output(block), TensorProto.FLOAT, ["batch", channels])
+             for block, (channels, _) in list(BLOCKS.items())[:-1]],
         graph.initializers,
     )
     model = helper.make_model(
@@ -303,6 +321,12 @@ def backbone_sidecar(onnx_sha256: str) -> dict[str, Any]:
         "bottleneck_size": 2048,
         "spatial_output": SPATIAL_OUTPUT,
         "spatial_shape": [2048, 8, 8],
+        "format": BACKBONE_FORMAT,
+        # layer -> its pooled output, its size, and the feature map (name, [C, H, W]) the pool averages
+        "layers": {BOTTLENECK_OUTPUT: {"output": BOTTLENECK_OUTPUT, "size": 2048, "feature_map": SPATIAL_OUTPUT,
+                                       "feature_shape": [2048, 8, 8]}}
+        | {block: {"output": pooled_output(block), "size": channels, "feature_map": block,
+                   "feature_shape": [channels, side, side]} for block, (channels, side) in list(BLOCKS.items())[:-1]},
         "weights_source": f"{WHEEL_REQUIREMENT}:{WEIGHTS_MEMBER}",
         "weights_sha1": WEIGHTS_SHA1,
         "onnx_sha256": onnx_sha256,
@@ -334,4 +358,15 @@ def ensure_backbone(path: str | Path | None = None) -> Path:
     if not path.is_file() or not sidecar_path(path).is_file():
         print(f"Building the Inception v3 backbone (once) at {path} ...", flush=True)
         build_backbone(path)
+    elif _sidecar_format(path) < BACKBONE_FORMAT:
+        print(f"Rebuilding the Inception v3 backbone at {path}: the cached file predates the pooled layers ...",
+              flush=True)
+        build_backbone(path)
     return path
+
+
+def _sidecar_format(path: Path) -> int:
+    try:
+        return int(json.loads(sidecar_path(path).read_text()).get("format", 1))
+    except (OSError, ValueError):
+        return 0

@@ -112,18 +112,39 @@ def backbone_input(image, sidecar: dict[str, Any], fast: bool = False) -> np.nda
     return to_backbone_input(pixels, sidecar["input_mean"], sidecar["input_std"])  # (3, H, W)
 
 
-def run_backbone(backbone: Backbone, images: np.ndarray, spatial: bool = False):
+def layer_outputs(sidecar: dict[str, Any], layers: tuple[str, ...]) -> list[str]:
+    """The graph outputs that hold the pooled `layers`, checked against what the backbone file offers.
+
+    A sidecar without a `layers` table (another backbone, or one built before the pooled layers) offers only its
+    bottleneck output."""
+    offered = sidecar.get("layers") or {sidecar["bottleneck_output"]: {"output": sidecar["bottleneck_output"]}}
+    if not layers:
+        raise ValueError("layers must name at least one backbone layer, e.g. pool_3")
+    for layer in layers:
+        if layer not in offered:
+            hint = ("rebuild it with `mini_retrain backbone`" if "layers" not in sidecar
+                    else f"choose from {', '.join(offered)}")
+            raise ValueError(f"layers: the backbone has no layer {layer!r}; {hint}")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layers: {','.join(layers)} names a layer twice")
+    return [offered[layer]["output"] for layer in layers]
+
+
+def run_backbone(backbone: Backbone, images: np.ndarray, spatial: bool = False, layers: tuple[str, ...] | None = None):
     """Bottlenecks of a batch of backbone inputs.
 
     images: (N, 3, H, W) float32, already scaled as the sidecar says ((x - 128) / 128 for Inception v3).
-    Returns pool_3 (N, 2048); with spatial=True, also the last feature map mixed_10 (N, 2048, 8, 8).
+    Returns the bottleneck (N, D): pool_3 (N, 2048) by default, else the global averages of `layers` side by side
+    (N, sum of their sizes), in the order given; with spatial=True, also the last feature map mixed_10 (N, 2048, 8, 8).
     """
     images = np.ascontiguousarray(images, dtype=np.float32)
     height, width = backbone.sidecar["input_size"]
     if images.ndim != 4 or images.shape[1:] != (3, height, width):
         raise ValueError(f"backbone input must be (N, 3, {height}, {width}), got {images.shape}")
-    outputs = [backbone.sidecar["bottleneck_output"]]
+    outputs = layer_outputs(backbone.sidecar, tuple(layers or (backbone.sidecar["bottleneck_output"],)))
     if spatial:
         outputs.append(backbone.sidecar["spatial_output"])
     results = backbone.session.run(outputs, {backbone.sidecar["input_name"]: images})
-    return (results[0], results[1]) if spatial else results[0]
+    pooled = results[:len(results) - spatial]
+    bottlenecks = pooled[0] if len(pooled) == 1 else np.concatenate(pooled, axis=1)  # (N, D1 + D2 + ...)
+    return (bottlenecks, results[-1]) if spatial else bottlenecks
