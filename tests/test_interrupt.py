@@ -97,8 +97,11 @@ class Run:
 
     def __init__(self, argv: list[str], cwd: Path):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # A shell's background job starts with SIGINT ignored, and Python keeps an ignored SIGINT ignored: give the
+        # child the default handler, so Ctrl-C reaches it however the tests were started.
         self.process = subprocess.Popen([sys.executable, "-m", "mini_retrain", *argv], cwd=cwd, env=env, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.lines: list[str] = []
         self._queue: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
