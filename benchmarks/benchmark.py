@@ -57,7 +57,9 @@ from mini_retrain.build.backbone_build import ensure_backbone, sidecar_path
 from mini_retrain.paths import cache_dir
 from mini_retrain.pipeline.images import read_image
 from mini_retrain.core.train import train_final_layer
+from mini_retrain.settings import RetrainSettings
 
+TRAINING = RetrainSettings(image_dir=Path("."))  # retrain's defaults: learning rate, batch sizes, eval interval
 DEMO_FOLDER = Path(mini_retrain.__file__).parent / "demo_data" / "pneumonia-demo"
 MULTIPLY_ADDS_ASSUMED = 5.7e9  # Inception v3 at 299x299, per image (the figure; we also count it from the graph)
 TARGETS = {
@@ -706,7 +708,11 @@ def measure_everything(arguments, report: dict[str, Any], scratch: Path, say: Ca
     def numpy_training(train_x, train_y, validation_x, validation_y):
         train_final_layer(train_bottlenecks=train_x, train_labels=train_y, validation_bottlenecks=validation_x,
                           validation_labels=validation_y, class_count=2, rng=np.random.default_rng(1),
-                          how_many_training_steps=arguments.steps, train_batch_size=100, log=no_log)
+                          how_many_training_steps=arguments.steps, learning_rate=TRAINING.learning_rate,
+                          train_batch_size=TRAINING.train_batch_size,
+                          validation_batch_size=TRAINING.validation_batch_size,
+                          eval_step_interval=TRAINING.eval_step_interval, class_balancing=TRAINING.class_balancing,
+                          log=no_log)
 
     report["training_numpy"] = best_of(lambda: numpy_training(train_x, train_y, validation_x, validation_y), repeats)
     report["training_numpy"].update(rows=arguments.train_rows, steps=arguments.steps)

@@ -112,9 +112,9 @@ def check_output_json(output_json: Path) -> Path:
     return output_json
 
 
-def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, how_many_training_steps: int = 4000,
-                   learning_rate: float = 0.01, train_batch_size: int = 100, positive_label: str | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, *, how_many_training_steps: int,
+                   learning_rate: float, train_batch_size: int, class_balancing: bool,
+                   positive_label: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Stratified, group-aware K-fold cross-validation of the final layer on every image of `dataset`.
 
     Returns a JSON-serialisable dict: per_fold (fold, n_train, n_test, accuracy record), pooled (metrics.evaluate
@@ -131,7 +131,8 @@ def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, how_m
     for k in range(folds):
         held_out = fold_of == k  # (n,) bool
         layer = train_layer(dataset.bottlenecks[~held_out], y[~held_out], len(labels), rng,
-                            how_many_training_steps, learning_rate, train_batch_size)
+                            how_many_training_steps=how_many_training_steps, learning_rate=learning_rate,
+                            train_batch_size=train_batch_size, class_balancing=class_balancing)
         probabilities[held_out] = softmax(compute_logits(dataset.bottlenecks[held_out], layer.weights, layer.biases))
         correct = int(np.sum(probabilities[held_out].argmax(axis=1) == y[held_out]))
         accuracy = _rate(correct, int(held_out.sum()))
@@ -173,8 +174,9 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
     # 0% validation, 0% testing: every image is "training", i.e. every image takes part.
     dataset = load_dataset(dataclasses.replace(settings, validation_percentage=0.0, testing_percentage=0.0), log)
     result = cross_validate(dataset, folds, np.random.default_rng(settings.random_seed),
-                            settings.how_many_training_steps, settings.learning_rate, settings.train_batch_size,
-                            settings.positive_label, log)
+                            how_many_training_steps=settings.how_many_training_steps,
+                            learning_rate=settings.learning_rate, train_batch_size=settings.train_batch_size,
+                            class_balancing=settings.class_balancing, positive_label=settings.positive_label, log=log)
     result["random_seed"] = settings.random_seed
     _warn_about_identical_images(dataset, result["predictions"], log)
     write_bytes_atomically(output_json, (json.dumps(result, indent=2) + "\n").encode())

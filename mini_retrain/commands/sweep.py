@@ -58,7 +58,7 @@ def _validation_row(layer: FinalLayer, bottlenecks: np.ndarray, labels: np.ndarr
 
 
 def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: list[int],
-                class_balancing: list[bool], random_seed: int = 0, train_batch_size: int = 100,
+                class_balancing: list[bool], *, random_seed: int, train_batch_size: int,
                 positive_label: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Train every setting of the grid on the training split, choose on validation, test the winner once.
 
@@ -76,8 +76,8 @@ def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: l
         # A fresh generator with the same seed for every setting: the same initial weights and, for the same
         # sampler, the same batches, so the settings differ only in what the grid changes.
         rng = np.random.default_rng(random_seed)
-        layer = train_layer(train_x, train_y, len(dataset.labels), rng, steps, learning_rate, train_batch_size,
-                            balanced)
+        layer = train_layer(train_x, train_y, len(dataset.labels), rng, how_many_training_steps=steps,
+                            learning_rate=learning_rate, train_batch_size=train_batch_size, class_balancing=balanced)
         accuracy, validation_cross_entropy = _validation_row(layer, validation_x, validation_y)
         rows.append({"learning_rate": learning_rate, "training_steps": steps,
                      "class_balancing": "on" if balanced else "off", "validation_accuracy": accuracy,
@@ -164,8 +164,8 @@ def sweep(settings: RetrainSettings, learning_rates: list[float], training_steps
     """
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
     dataset = load_dataset(settings, log)
-    result = grid_search(dataset, learning_rates, training_steps, class_balancing, settings.random_seed,
-                         settings.train_batch_size, settings.positive_label, log)
+    result = grid_search(dataset, learning_rates, training_steps, class_balancing, random_seed=settings.random_seed,
+                         train_batch_size=settings.train_batch_size, positive_label=settings.positive_label, log=log)
     chosen = result["chosen"]
     log(f"To retrain with these settings: mini_retrain retrain --image_dir DIR --learning_rate {chosen['learning_rate']:g} "
         f"--how_many_training_steps {chosen['training_steps']} --class_balancing {chosen['class_balancing']} "
