@@ -333,7 +333,7 @@ ARENA_CHILD = r"""
 import json, sys, time, numpy as np, onnxruntime
 from mini_retrain.pipeline.backbone import load_backbone, session_options
 arena, batch, repeats = sys.argv[1] == "on", int(sys.argv[2]), int(sys.argv[3])
-backbone = load_backbone(verbose=False)
+backbone = load_backbone(log=lambda line: None)
 options = session_options()  # the product's options, with only the arena changed
 options.enable_cpu_mem_arena = arena
 session = onnxruntime.InferenceSession(str(backbone.path), sess_options=options, providers=["CPUExecutionProvider"])
@@ -462,7 +462,7 @@ def child(spec_path: str) -> None:
         rng = np.random.default_rng(0)
         bottleneck_store.run_backbone = lambda _, images: rng.random((len(images), 2048), dtype=np.float32)
     else:
-        backbone = load_backbone(onnx_path, device="cpu", verbose=False)
+        backbone = load_backbone(onnx_path, device="cpu", log=no_log)
         # As in the middle of a long run: onnxruntime keeps what it allocated for a full batch (its arena, and the
         # memory plan it makes on the second run of a shape), so run a full batch twice before measuring.
         size = backbone.sidecar["input_size"][0]
@@ -634,7 +634,7 @@ def measure_everything(arguments, report: dict[str, Any], scratch: Path, say: Ca
     say("Making images ...")
     sets = make_images(scratch / "images", arguments.count, arguments.demo_copies)
     report["images"] = {kind: entry["description"] for kind, entry in sets.items()}
-    backbone = load_backbone(device="cpu", verbose=False)
+    backbone = load_backbone(device="cpu", log=no_log)
     sidecar = backbone.sidecar
     demo_paths = sets["demo JPEG X-rays"]["paths"][:16]  # the 16 originals
     demo_tensors = np.stack([decode_one(path, sidecar) for path in demo_paths])  # (16, 3, 299, 299)

@@ -58,7 +58,7 @@ def run_demo(output_dir: Path = Path("mini_retrain_demo"), backbone: Path | None
         validation_batch_size=-1,
     )
     retrain(settings, log=log)
-    model = load_retrained(settings.output_graph, settings.output_labels, device)
+    model = load_retrained(settings.output_graph, settings.output_labels, device, log)
     results = []
     for title, names in (("2. Label the held-out X-rays", HELD_OUT), ("3. Label two photos that are not X-rays", PHOTOS)):
         log(f"== {title} ==")

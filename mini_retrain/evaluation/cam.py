@@ -92,7 +92,7 @@ def explain_images(graph: Path, paths: list[Path], output: Path, labels_file: Pa
     One image and an output ending in .png: written to exactly that file. Otherwise output is a folder and each
     image gets output/<image name>.cam.png. Each image's line also shows the identity mean(map) = logit - bias.
     """
-    model = load_retrained(graph, labels_file, device)
+    model = load_retrained(graph, labels_file, device, log)
     weights, biases = final_weights(Path(graph))
     class_index = None
     if label is not None:

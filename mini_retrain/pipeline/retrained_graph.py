@@ -7,12 +7,14 @@ The graph is self-contained: its metadata says how its training images were deco
 from __future__ import annotations
 
 import json
-import sys
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from mini_retrain.errors import print_to_stderr
 from mini_retrain.pipeline.backbone import backbone_input, choose_providers, session_options
 from mini_retrain.pipeline.export import MARKER
 from mini_retrain.pipeline.images import IMAGE_EXTENSIONS, read_image
@@ -25,8 +27,12 @@ class RetrainedModel(NamedTuple):
     metadata: dict[str, str]
 
 
-def load_retrained(graph: str | Path, labels_file: str | Path | None = None, device: str = "auto") -> RetrainedModel:
-    """Open a graph written by `mini_retrain retrain` and check that the labels file belongs to it."""
+def load_retrained(graph: str | os.PathLike, labels_file: str | os.PathLike | None = None, device: str = "auto",
+                   log: Callable[[str], None] = print_to_stderr) -> RetrainedModel:
+    """Open a graph written by `mini_retrain retrain` and check that the labels file belongs to it.
+
+    log receives a WARNING when CUDA was asked for but is missing (by default on stderr: `label --json` keeps
+    stdout for the JSON)."""
     import onnxruntime
 
     graph = Path(graph)
@@ -34,7 +40,7 @@ def load_retrained(graph: str | Path, labels_file: str | Path | None = None, dev
         raise ValueError(f"{graph}: no such graph; pass the --output_graph of `mini_retrain retrain`")
     providers, message = choose_providers(device, onnxruntime.get_available_providers())
     if message:
-        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+        log(f"WARNING: {message}")
     try:
         session = onnxruntime.InferenceSession(str(graph), sess_options=session_options(), providers=providers)
     except Exception as error:
