@@ -102,11 +102,11 @@ def test_too_many_folds_names_the_class_and_the_fix():
                                                       "tb/p3.png"]
     classes = np.array([0] * 6 + [1] * 4)
     assign_folds(files, classes, 3, np.random.default_rng(0))  # fine
-    message = r"--folds 4 is more than class 'tb' has .*\(3 _nohash_ groups\); use --folds 3 or fewer"
+    message = r"^folds 4 is more than class 'tb' has .*\(3 _nohash_ groups\); use folds=3 or fewer"
     with pytest.raises(ValueError, match=message):
         assign_folds(files, classes, 4, np.random.default_rng(0), ["normal", "tb"])
     for folds in (1, 0, 2.5):
-        with pytest.raises(ValueError, match="--folds must be an integer >= 2"):
+        with pytest.raises(ValueError, match="^folds must be an integer >= 2"):
             assign_folds(files, classes, folds, np.random.default_rng(0))
 
 

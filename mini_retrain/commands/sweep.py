@@ -69,7 +69,7 @@ def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: l
     train_x, train_y, _ = dataset.split("training")
     validation_x, validation_y, _ = dataset.split("validation")
     if not len(validation_y):
-        raise ValueError(f"{dataset.image_dir}: no validation images to choose on; raise --validation_percentage")
+        raise ValueError(f"{dataset.image_dir}: no validation images to choose on; raise validation_percentage")
 
     rows, layers = [], []
     for learning_rate, steps, balanced in itertools.product(learning_rates, training_steps, class_balancing):
@@ -121,10 +121,10 @@ def _table(rows: list[dict], best: int) -> list[str]:
     return lines
 
 
-def _items(text: str, flag: str, example: str) -> list[str]:
+def _items(text: str, name: str, example: str) -> list[str]:
     items = [item.strip() for item in str(text).split(",")]
     if any(item == "" for item in items):
-        raise ValueError(f"{flag} {text!r} has an empty item; give values separated by commas, e.g. {example}")
+        raise ValueError(f"{name} {text!r} has an empty item; give values separated by commas, e.g. {example}")
     return items
 
 
@@ -132,24 +132,24 @@ def parse_grid(learning_rates: str, training_steps: str, class_balancing: str) -
                                                                                          list[bool]]:
     """The three comma-separated grid flags as lists: "0.001,0.01" -> [0.001, 0.01]; "off,on" -> [False, True]."""
     rates = []
-    for item in _items(learning_rates, "--learning_rates", "0.001,0.01,0.1"):
+    for item in _items(learning_rates, "learning_rates", "0.001,0.01,0.1"):
         try:
             rate = float(item)
         except ValueError:
             rate = math.nan
         if not (math.isfinite(rate) and rate > 0):
-            raise ValueError(f"--learning_rates: {item!r} is not a positive number; "
-                             "e.g. --learning_rates 0.001,0.01,0.1")
+            raise ValueError(f"learning_rates: {item!r} is not a positive number; "
+                             "e.g. learning_rates=0.001,0.01,0.1")
         rates.append(rate)
     steps = []
-    for item in _items(training_steps, "--training_steps", "500,4000"):
+    for item in _items(training_steps, "training_steps", "500,4000"):
         if not (item.isdigit() and int(item) >= 1):
-            raise ValueError(f"--training_steps: {item!r} is not a whole number >= 1; e.g. --training_steps 500,4000")
+            raise ValueError(f"training_steps: {item!r} is not a whole number >= 1; e.g. training_steps=500,4000")
         steps.append(int(item))
     balancing = []
-    for item in _items(class_balancing, "--class_balancing", "off,on"):
+    for item in _items(class_balancing, "class_balancing", "off,on"):
         if item not in ("on", "off"):
-            raise ValueError(f"--class_balancing: {item!r} is neither 'on' nor 'off'; e.g. --class_balancing off,on")
+            raise ValueError(f"class_balancing: {item!r} is neither 'on' nor 'off'; e.g. class_balancing=off,on")
         balancing.append(item == "on")
     return rates, steps, balancing
 

@@ -81,3 +81,27 @@ def check_class_count(class_count) -> None:
     if isinstance(class_count, bool) or not isinstance(class_count, int | np.integer) or class_count < 2:
         raise ValueError(f"class_count must be a whole number >= 2 (a classifier needs two classes), "
                          f"got {class_count!r}")
+
+
+def check_split_percentages(validation_percentage: float, testing_percentage: float) -> None:
+    """Both >= 0, and together < 100 so some images are left for training."""
+    for name, value in (("validation_percentage", validation_percentage),
+                        ("testing_percentage", testing_percentage)):
+        if not value >= 0:  # also rejects NaN
+            raise ValueError(f"{name} must be >= 0, got {value!r}.")
+    if not validation_percentage + testing_percentage < 100:
+        raise ValueError(
+            f"validation_percentage + testing_percentage must be < 100 so some images are left for "
+            f"training, got {validation_percentage!r} + {testing_percentage!r}."
+        )
+
+
+def check_distortions(random_crop: float, random_scale: float, random_brightness: float) -> None:
+    """retrain.py's distortion percentages: each finite and >= 0, random_brightness below 100."""
+    for name, value in (("random_crop", random_crop), ("random_scale", random_scale),
+                        ("random_brightness", random_brightness)):
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"{name} is a percentage and must be >= 0, got {value}")
+    if random_brightness >= 100:
+        raise ValueError(f"random_brightness must be below 100 (100% could make the image black), "
+                         f"got {random_brightness}")

@@ -97,7 +97,7 @@ def explain_images(graph: Path, paths: list[Path], output: Path, labels_file: Pa
     class_index = None
     if label is not None:
         if label not in model.labels:
-            raise ValueError(f"--label {label!r} is not one of the graph's labels {model.labels}")
+            raise ValueError(f"label {label!r} is not one of the graph's labels {model.labels}")
         class_index = model.labels.index(label)
     one_file = len(paths) == 1 and Path(output).suffix.lower() == ".png"
     results = []

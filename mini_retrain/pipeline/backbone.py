@@ -18,8 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from mini_retrain.build.backbone_build import ensure_backbone, sidecar_path
+from mini_retrain.settings import DEVICES
 
-DEVICES = ("auto", "cpu", "cuda")
 REQUIRED_SIDECAR_KEYS = ("input_name", "input_size", "input_mean", "input_std", "bottleneck_output", "bottleneck_size")
 
 
@@ -37,7 +37,7 @@ def choose_providers(device: str, available: list[str]) -> tuple[list[str], str 
     CPU is always last in the list, so onnxruntime can place any node CUDA cannot run.
     """
     if device not in DEVICES:
-        raise ValueError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
+        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
     has_cuda = "CUDAExecutionProvider" in available
     if device == "cpu" or (device == "auto" and not has_cuda):
         return ["CPUExecutionProvider"], None

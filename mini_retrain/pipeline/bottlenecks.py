@@ -174,7 +174,7 @@ def get_bottlenecks(
     fast_decode: JPEG draft and Image.reduce before the resize (images.read_image / resize_for_backbone, fast=True).
     """
     if on_bad_image not in ("skip", "error"):
-        raise ValueError(f"--on_bad_image must be 'skip' or 'error', not {on_bad_image!r}")
+        raise ValueError(f"on_bad_image must be 'skip' or 'error', not {on_bad_image!r}")
     folder = store_folder(bottleneck_dir, backbone, fast_decode)
     index, cached = load_store(folder, log)
     bad: list[tuple[str, str]] = []

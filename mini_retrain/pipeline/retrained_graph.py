@@ -37,7 +37,7 @@ def load_retrained(graph: str | os.PathLike, labels_file: str | os.PathLike | No
 
     graph = Path(graph)
     if not graph.is_file():
-        raise ValueError(f"{graph}: no such graph; pass the --output_graph of `mini_retrain retrain`")
+        raise ValueError(f"{graph}: no such graph; pass the output_graph written by `mini_retrain retrain`")
     providers, message = choose_providers(device, onnxruntime.get_available_providers())
     if message:
         log(f"WARNING: {message}")
@@ -57,7 +57,7 @@ def load_retrained(graph: str | os.PathLike, labels_file: str | os.PathLike | No
             raise ValueError(f"{labels_file}: cannot read the labels file ({error.strerror})") from None
         if given != labels:
             raise ValueError(f"{labels_file}: labels {given} do not match the graph's {labels}; "
-                             "pass the --output_labels written with this graph")
+                             "pass the output_labels written with this graph")
     return RetrainedModel(session, graph, labels, metadata)
 
 
@@ -73,7 +73,7 @@ def image_paths(inputs: list[str | Path]) -> list[Path]:
         else:
             paths.append(item)
     if not paths:
-        raise ValueError(f"{inputs[0] if inputs else '--image'}: no images found; "
+        raise ValueError(f"{inputs[0] if inputs else 'images'}: no images found; "
                          "pass image files or a folder of .jpg/.png/.dcm files")
     return paths
 
