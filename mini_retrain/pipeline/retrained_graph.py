@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from PIL import Image
 
 from mini_retrain.errors import print_to_stderr
 from mini_retrain.pipeline.backbone import backbone_input, choose_providers, session_options
@@ -78,9 +79,17 @@ def image_paths(inputs: list[str | Path]) -> list[Path]:
     return paths
 
 
-def model_input(model: RetrainedModel, path: Path) -> np.ndarray:
-    """(3, H, W) float32, decoded, resized and scaled as the graph's metadata says (as its training images were)."""
+def model_input(model: RetrainedModel, image: Path | Image.Image) -> np.ndarray:
+    """(3, H, W) float32, decoded, resized and scaled as the graph's metadata says (as its training images were).
+
+    image: a file, or an image already decoded by images.to_image."""
     fast = model.metadata.get("fast_decode") == "1"  # retrain --fast_decode
     sidecar = {"input_size": json.loads(model.metadata["input_size"]),  # the backbone's sidecar, as the graph keeps it
                "input_mean": float(model.metadata["input_mean"]), "input_std": float(model.metadata["input_std"])}
-    return backbone_input(read_image(path, fast=fast, keep_gray=True), sidecar, fast)
+    decoded = image if isinstance(image, Image.Image) else read_image(image, fast=fast, keep_gray=True)
+    return backbone_input(decoded, sidecar, fast)
+
+
+def image_name(image: Path | Image.Image, index: int) -> str:
+    """What the results call an image: its path, or "image <index>" for one given in memory."""
+    return f"image {index}" if isinstance(image, Image.Image) else str(image)
