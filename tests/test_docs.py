@@ -188,11 +188,12 @@ def check_anchors(prose: str, doc: Path, require: bool = False) -> list[str]:
             continue
         lines = (doc.parent / path_part).resolve().read_text(encoding="utf-8").splitlines()
         number = int(anchor[1:]) if re.fullmatch(r"L\d+", anchor) else 0
-        short = re.escape(name.split(".")[-1])
-        if not 1 <= number <= len(lines) or not re.match(rf"^\s*((async )?def|class) {short}\b|^{short}\s*[:=]",
-                                                       lines[number - 1]):
+        definition = re.compile(rf"^\s*((async )?def|class) {re.escape(name.split('.')[-1])}\b|"
+                                rf"^{re.escape(name.split('.')[-1])}\s*[:=]")
+        if not 1 <= number <= len(lines) or not definition.match(lines[number - 1]):
+            found = [n for n, line in enumerate(lines, 1) if definition.match(line)]
             problems.append(f"link [{text}]({target}): line {anchor} of {path_part} does not define "
-                            f"{name.split('.')[-1]}")
+                            f"{name.split('.')[-1]}" + (f" (line {found[0]} does)" if found else ""))
     return problems
 
 
@@ -407,7 +408,7 @@ def test_the_anchor_and_count_checks_catch_mistakes():
     assert check_anchors(good, doc, require=True) == []
     assert check_anchors(good.replace(f"#L{line}", f"#L{line + 1}"), doc) == [
         f"link [`mini_retrain.core.softmax_layer.gradients`](../mini_retrain/core/softmax_layer.py#L{line + 1}): "
-        f"line L{line + 1} of ../mini_retrain/core/softmax_layer.py does not define gradients"]
+        f"line L{line + 1} of ../mini_retrain/core/softmax_layer.py does not define gradients (line {line} does)"]
     assert len(check_anchors(good.replace(f"#L{line}", ""), doc, require=True)) == 1
     assert check_anchors(good.replace(f"#L{line}", ""), doc) == []  # only algorithm.md requires anchors
     assert check_anchors("[`mini_retrain.core.split`](../mini_retrain/core/split.py)", doc, require=True) == []
