@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 from mini_retrain import __version__
+from mini_retrain.errors import BadImageError
 
 
 def _backbone(args: argparse.Namespace) -> int:
@@ -337,5 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as error:
         # One line, naming the file and the fix; never a traceback for a problem with the user's input.
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"mini_retrain: error: {with_flags(message, _flags_of(parser, args.command))}", file=sys.stderr)
+        if not isinstance(error, BadImageError | OSError):  # those name a file and what is wrong with it
+            message = with_flags(message, _flags_of(parser, args.command))
+        print(f"mini_retrain: error: {message}", file=sys.stderr)
         return 2

@@ -291,7 +291,7 @@ def test_settings_take_str_and_pathlike_and_refuse_bad_values_at_once(tmp_path):
             RetrainSettings(**{"image_dir": "lungs", **change})
 
 
-def test_errors_name_parameters_and_the_command_line_names_flags(tmp_path, capsys):
+def test_errors_name_parameters_and_the_command_line_names_flags(tmp_path, capsys, monkeypatch):
     """Library errors say `learning_rate`; `mini_retrain retrain` says `--learning_rate`, before any work."""
     from mini_retrain.cli import with_flags
 
@@ -306,3 +306,17 @@ def test_errors_name_parameters_and_the_command_line_names_flags(tmp_path, capsy
     assert main(["retrain", "--image_dir", str(tmp_path / "nowhere")]) == 2
     assert capsys.readouterr().err == (f"mini_retrain: error: {tmp_path / 'nowhere'}: --image_dir does not exist; "
                                        "pass a folder with one subfolder per class\n")
+    # A bad image names the file, not a parameter: "image is only 4x4 pixels" stays as it is under explain --image.
+    from PIL import Image
+
+    Image.new("L", (4, 4)).save(tmp_path / "icon.png")
+    (tmp_path / "graph.onnx").write_bytes(b"")
+    import mini_retrain.evaluation.cam as cam
+
+    def refuse(*args, **kwargs):
+        from mini_retrain.pipeline.images import read_image
+        read_image(tmp_path / "icon.png")
+
+    monkeypatch.setattr(cam, "explain_images", refuse)
+    assert main(["explain", "--graph", str(tmp_path / "graph.onnx"), "--image", str(tmp_path / "icon.png")]) == 2
+    assert capsys.readouterr().err.startswith(f"mini_retrain: error: {tmp_path / 'icon.png'}: image is only 4x4 pixels")
