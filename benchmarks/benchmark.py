@@ -1,6 +1,6 @@
 """How close does mini_retrain run to the hardware? One run, the same images for every row (issue #5).
 
-    python benchmarks/benchmark.py [--count N] [--output results.json]
+    python benchmarks/benchmark.py [--count N] [--rows a,b,e] [--output results.json]
 
 Rows (see benchmarks/README.md for how to read them):
 
@@ -29,7 +29,6 @@ import contextlib
 import datetime
 import importlib.metadata
 import importlib.util
-import inspect
 import json
 import os
 import platform
@@ -57,7 +56,9 @@ from mini_retrain.build.backbone_build import ensure_backbone, sidecar_path
 from mini_retrain.paths import cache_dir
 from mini_retrain.pipeline.images import read_image
 from mini_retrain.core.train import train_final_layer
+from mini_retrain.settings import RetrainSettings
 
+TRAINING = RetrainSettings(image_dir=Path("."))  # retrain's defaults: learning rate, batch sizes, eval interval
 DEMO_FOLDER = Path(mini_retrain.__file__).parent / "demo_data" / "pneumonia-demo"
 MULTIPLY_ADDS_ASSUMED = 5.7e9  # Inception v3 at 299x299, per image (the issue's figure; we also count it from the graph)
 TARGETS = {
@@ -331,7 +332,7 @@ ARENA_CHILD = r"""
 import json, sys, time, numpy as np, onnxruntime
 from mini_retrain.pipeline.backbone import load_backbone, session_options
 arena, batch, repeats = sys.argv[1] == "on", int(sys.argv[2]), int(sys.argv[3])
-backbone = load_backbone(verbose=False)
+backbone = load_backbone(log=lambda line: None)
 options = session_options()  # the product's options, with only the arena changed
 options.enable_cpu_mem_arena = arena
 session = onnxruntime.InferenceSession(str(backbone.path), sess_options=options, providers=["CPUExecutionProvider"])
@@ -460,7 +461,7 @@ def child(spec_path: str) -> None:
         rng = np.random.default_rng(0)
         bottleneck_store.run_backbone = lambda _, images: rng.random((len(images), 2048), dtype=np.float32)
     else:
-        backbone = load_backbone(onnx_path, device="cpu", verbose=False)
+        backbone = load_backbone(onnx_path, device="cpu", log=no_log)
         # As in the middle of a long run: onnxruntime keeps what it allocated for a full batch (its arena, and the
         # memory plan it makes on the second run of a shape), so run a full batch twice before measuring.
         size = backbone.sidecar["input_size"][0]
@@ -607,6 +608,12 @@ def machine_info() -> dict[str, Any]:
             "openblas_env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")}}
 
 
+ROWS = ("a", "b", "c", "d", "e", "f", "g", "rss")  # in the order of the table; (a) and (b) are measured together
+DEMO_KIND = "demo JPEG X-rays"
+PIPELINE_BATCH = bottleneck_store.BATCH_SIZE  # the batch the product runs the network on
+DECODE_WORKERS = bottleneck_store.DECODE_WORKERS  # its decode threads
+
+
 def run(arguments: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"machine": machine_info(), "load_average": {"start": load_average()}, "notes": []}
     started = time.perf_counter()
@@ -621,34 +628,60 @@ def run(arguments: argparse.Namespace) -> dict[str, Any]:
         say("WARNING: other processes are using the CPU; timings will be pessimistic (best-of repeats help)")
     scratch = Path(tempfile.mkdtemp(prefix="mini_retrain_benchmark_"))
     try:
-        return measure_everything(arguments, report, scratch, say)
+        return measure_rows(arguments, report, scratch, say)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def measure_everything(arguments, report: dict[str, Any], scratch: Path, say: Callable[[str], None]) -> dict:
-    repeats = arguments.repeats
-    started = time.perf_counter()
-    say("Making images ...")
-    sets = make_images(scratch / "images", arguments.count, arguments.demo_copies)
-    report["images"] = {kind: entry["description"] for kind, entry in sets.items()}
-    backbone = load_backbone(device="cpu", verbose=False)
-    sidecar = backbone.sidecar
-    demo_paths = sets["demo JPEG X-rays"]["paths"][:16]  # the 16 originals
-    demo_tensors = np.stack([decode_one(path, sidecar) for path in demo_paths])  # (16, 3, 299, 299)
+def measure_rows(arguments, report: dict[str, Any], scratch: Path, say: Callable[[str], None]) -> dict:
+    """Measure the rows asked for (--rows), one function each, in an order that keeps torch (d) last."""
+    rows, started, inputs = set(arguments.rows), time.perf_counter(), {}
 
-    # (b) the backbone alone, and (a) the pipeline on the demo X-rays, interleaved: other processes come and go, and
-    # the target is a ratio of the two, so each round measures both and the best round of each is kept.
+    def shared() -> dict[str, Any]:  # the images, the backbone and the demo tensors, made once for the rows needing them
+        if not inputs:
+            say("Making images ...")
+            inputs["sets"] = make_images(scratch / "images", arguments.count, arguments.demo_copies)
+            report["images"] = {kind: entry["description"] for kind, entry in inputs["sets"].items()}
+            inputs["backbone"] = load_backbone(device="cpu", log=no_log)
+            demo_paths = inputs["sets"][DEMO_KIND]["paths"][:16]  # the 16 originals
+            inputs["demo_tensors"] = np.stack([decode_one(path, inputs["backbone"].sidecar)
+                                               for path in demo_paths])  # (16, 3, 299, 299)
+        return inputs
+
+    if rows & {"a", "b"}:
+        measure_pipeline_and_forward(arguments, report, shared(), scratch, say)
+    if "g" in rows:
+        measure_fast_decode(report, shared(), say)
+    if "e" in rows:
+        measure_training(arguments, report, say)
+    if "f" in rows:
+        measure_store(arguments, report, scratch, say)
+    if rows & {"b", "c", "d"}:  # (b) and (d) are also given as a share of the FLOP limit
+        measure_flop_limit(arguments, report, ensure_backbone(log=no_log), say)
+    if "rss" in rows:
+        measure_memory(arguments, report, shared()["sets"], scratch, say)
+    if "d" in rows or "e" in rows:  # PyTorch last: importing torch starts OpenMP threads that disturb the rows above
+        measure_torch(arguments, report, shared() if "d" in rows else None, say)
+    report["load_average"]["end"] = load_average()
+    report["seconds"] = time.perf_counter() - started
+    report["rows_measured"] = [row for row in ROWS if row in rows]
+    report["rows"] = summary_rows(report)
+    return report
+
+
+def measure_pipeline_and_forward(arguments, report: dict, inputs: dict, scratch: Path, say) -> None:
+    """Rows (a) and (b): the backbone alone and the pipeline on the demo X-rays, interleaved (other processes come and
+    go, and the target is a ratio of the two, so each round measures both and the best round of each is kept); then
+    the 1-thread forward, the memory arena on and off, and the pipeline on the large images."""
+    repeats, sets, backbone, tensors = arguments.repeats, inputs["sets"], inputs["backbone"], inputs["demo_tensors"]
+    sidecar = backbone.sidecar
     say("(b) onnxruntime forward on preloaded tensors, interleaved with (a) the pipeline on the demo X-rays ...")
-    demo_kind = "demo JPEG X-rays"
-    pipeline_batch = inspect.signature(bottleneck_store.get_bottlenecks).parameters["batch_size"].default
-    sizes = tuple(sorted({1, 16, 32, pipeline_batch}))
-    rounds = [(forward_rates(backbone, demo_tensors, sizes, repeats),
-               pipeline_rate(sets[demo_kind]["paths"], backbone, scratch)) for _ in range(repeats)]
-    forward = {size: min((measured[size] for measured, _ in rounds), key=lambda m: m["seconds_per_image"])
-               for size in sizes}
-    report["pipeline_batch_size"] = pipeline_batch
-    report["forward_onnxruntime"] = forward
+    sizes = tuple(sorted({1, 16, 32, PIPELINE_BATCH}))
+    rounds = [(forward_rates(backbone, tensors, sizes, repeats), pipeline_rate(sets[DEMO_KIND]["paths"], backbone,
+                                                                               scratch)) for _ in range(repeats)]
+    report["pipeline_batch_size"] = PIPELINE_BATCH
+    report["forward_onnxruntime"] = {size: min((measured[size] for measured, _ in rounds),
+                                               key=lambda m: m["seconds_per_image"]) for size in sizes}
     report["forward_rounds"] = [measured for measured, _ in rounds]
     # One core's worth, as a per-core efficiency that other processes on the machine disturb less.
     options = session_options()
@@ -656,33 +689,35 @@ def measure_everything(arguments, report: dict[str, Any], scratch: Path, say: Ca
     one_thread = Backbone(onnxruntime.InferenceSession(str(backbone.path), sess_options=options,
                                                        providers=["CPUExecutionProvider"]),
                           backbone.path, sidecar, "CPUExecutionProvider")
-    report["forward_onnxruntime_1_thread"] = forward_rates(one_thread, demo_tensors, (16,), repeats)[16]
+    report["forward_onnxruntime_1_thread"] = forward_rates(one_thread, tensors, (16,), repeats)[16]
     del one_thread
     say("(b) onnxruntime with its memory arena on and off (child processes) ...")
-    report["arena"] = measure_arena(pipeline_batch, repeats)
-    pipeline: dict[str, Any] = {demo_kind: {
+    report["arena"] = measure_arena(PIPELINE_BATCH, repeats)
+    pipeline: dict[str, Any] = {DEMO_KIND: {
         "pipeline": max((measured for _, measured in rounds), key=lambda m: m["images_per_second"]),
         "pipeline_rounds": [measured for _, measured in rounds],
-        "decode": decode_rates(demo_paths, sidecar, workers=2),
+        "decode": decode_rates(sets[DEMO_KIND]["paths"][:16], sidecar, workers=DECODE_WORKERS),
     }}
-
-    # (a) the pipeline on the large images
     for kind, entry in sets.items():
-        if kind == demo_kind:
+        if kind == DEMO_KIND:
             continue
         say(f"(a) pipeline: {kind} ({len(entry['paths'])} files) ...")
         pipeline[kind] = {
             "pipeline": pipeline_rate(entry["paths"], backbone, scratch),
             "pipeline_fast_decode": pipeline_rate(entry["paths"], backbone, scratch, fast_decode=True),
-            "decode": decode_rates(entry["paths"][: max(4, min(16, len(entry["paths"])))], sidecar, workers=2),
+            "decode": decode_rates(entry["paths"][: max(4, min(16, len(entry["paths"])))], sidecar,
+                                   workers=DECODE_WORKERS),
         }
     report["pipeline"] = pipeline
 
-    # (g) --fast_decode (JPEG draft, Image.reduce): accuracy and speed
+
+def measure_fast_decode(report: dict, inputs: dict, say) -> None:
+    """Row (g): --fast_decode (JPEG draft, Image.reduce) against the exact path: bottleneck difference and speed."""
     say("(g) fast decode (JPEG draft + reduce) vs exact ...")
-    draft = {}
-    for kind in sets:
-        paths = sets[kind]["paths"][:16]
+    backbone, draft = inputs["backbone"], {}
+    sidecar = backbone.sidecar
+    for kind, entry in inputs["sets"].items():
+        paths = entry["paths"][:16]
         exact = run_backbone(backbone, np.stack([decode_one(path, sidecar) for path in paths]))
         fast = run_backbone(backbone, np.stack([decode_one(path, sidecar, fast=True) for path in paths]))
         difference = np.abs(fast - exact)
@@ -690,34 +725,48 @@ def measure_everything(arguments, report: dict[str, Any], scratch: Path, say: Ca
         draft[kind] = {
             "max_abs_difference": float(difference.max()), "mean_abs_difference": float(difference.mean()),
             "mean_abs_bottleneck": float(np.abs(exact).mean()), "min_cosine": float(cosine.min()),
-            "decode_exact": decode_rates(paths, sidecar, workers=2),
-            "decode_fast": decode_rates(paths, sidecar, workers=2, fast=True),
+            "decode_exact": decode_rates(paths, sidecar, workers=DECODE_WORKERS),
+            "decode_fast": decode_rates(paths, sidecar, workers=DECODE_WORKERS, fast=True),
         }
         draft[kind]["decode_speedup"] = (draft[kind]["decode_exact"]["seconds_per_image_1_thread"]
                                          / draft[kind]["decode_fast"]["seconds_per_image_1_thread"])
     report["draft"] = draft
 
-    # (e) training, NumPy
-    say("(e) NumPy training loop ...")
-    rng = np.random.default_rng(0)
+
+def training_data(arguments, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The synthetic training and validation bottlenecks of row (e) (the same numbers from the same generator)."""
     train_x, train_y = synthetic_bottlenecks(arguments.train_rows, rng)
     validation_x, validation_y = synthetic_bottlenecks(max(arguments.train_rows // 10, 100), rng)
+    return train_x, train_y, validation_x, validation_y
 
-    def numpy_training(train_x, train_y, validation_x, validation_y):
-        train_final_layer(train_bottlenecks=train_x, train_labels=train_y, validation_bottlenecks=validation_x,
-                          validation_labels=validation_y, class_count=2, rng=np.random.default_rng(1),
-                          how_many_training_steps=arguments.steps, train_batch_size=100, log=no_log)
 
-    report["training_numpy"] = best_of(lambda: numpy_training(train_x, train_y, validation_x, validation_y), repeats)
+def numpy_training(arguments, train_x, train_y, validation_x, validation_y) -> None:
+    """The product's training loop with retrain's settings (RetrainSettings' defaults) but --steps."""
+    train_final_layer(train_x, train_y, validation_x, validation_y, 2, np.random.default_rng(1),
+                      how_many_training_steps=arguments.steps, learning_rate=TRAINING.learning_rate,
+                      train_batch_size=TRAINING.train_batch_size, validation_batch_size=TRAINING.validation_batch_size,
+                      eval_step_interval=TRAINING.eval_step_interval, class_balancing=TRAINING.class_balancing,
+                      log=no_log)
+
+
+def measure_training(arguments, report: dict, say) -> None:
+    """Row (e), NumPy half: the training loop on 5000 rows and on the Shenzhen set's size, and the floor of each."""
+    say("(e) NumPy training loop ...")
+    repeats, rng = arguments.repeats, np.random.default_rng(0)
+    train_x, train_y, validation_x, validation_y = training_data(arguments, rng)
+    report["training_numpy"] = best_of(lambda: numpy_training(arguments, train_x, train_y, validation_x, validation_y),
+                                       repeats)
     report["training_numpy"].update(rows=arguments.train_rows, steps=arguments.steps)
     report["training_floor"] = best_of(lambda: training_floor(train_x, arguments.steps, rng), repeats)
     # The same loop at the size of the Shenzhen set's training split (80% of 662 X-rays): its rows fit in cache.
     small_x, small_y = synthetic_bottlenecks(SHENZHEN_TRAINING_ROWS, rng)
     report["training_numpy_shenzhen"] = best_of(
-        lambda: numpy_training(small_x, small_y, small_x[:66], small_y[:66]), repeats)
+        lambda: numpy_training(arguments, small_x, small_y, small_x[:66], small_y[:66]), repeats)
     report["training_floor_shenzhen"] = best_of(lambda: training_floor(small_x, arguments.steps, rng), repeats)
 
-    # (f) the bottleneck store
+
+def measure_store(arguments, report: dict, scratch: Path, say) -> None:
+    """Row (f): loading 100k cached bottlenecks, and what merging one new batch into that store costs."""
     say(f"(f) loading {arguments.store_rows} cached bottlenecks ...")
     store_folder = scratch / "store"
     store_folder.mkdir()
@@ -741,24 +790,26 @@ def measure_everything(arguments, report: dict[str, Any], scratch: Path, say: Ca
     report["store_compact"] = run_child({"task": "compact", "folder": str(store_folder)}, scratch)
     shutil.rmtree(store_folder)
 
-    # (c) the FLOP limit
+
+def measure_flop_limit(arguments, report: dict, onnx_path: Path, say) -> None:
+    """Row (c): a measured float32 matrix product against the network's multiply-adds."""
     say("(c) sgemm in a child process (OPENBLAS_CORETYPE and OPENBLAS_L2_SIZE unset) ...")
-    have_torch = importlib.util.find_spec("torch") is not None  # not imported here: see (d) below
+    have_torch = importlib.util.find_spec("torch") is not None  # not imported here: see measure_torch
     sgemm = {"unset": measure_sgemm(arguments.sgemm_size, 4, unset_openblas=True, with_torch=have_torch)}
     if any(report["machine"]["openblas_env"].values()):
         sgemm["as_set"] = measure_sgemm(arguments.sgemm_size, 4, unset_openblas=False, with_torch=False)
-    counted = graph_multiply_adds(backbone.path)
-    report["flops"] = {"sgemm": sgemm, "multiply_adds_counted": counted, "multiply_adds_assumed": MULTIPLY_ADDS_ASSUMED}
+    report["flops"] = {"sgemm": sgemm, "multiply_adds_counted": graph_multiply_adds(onnx_path),
+                       "multiply_adds_assumed": MULTIPLY_ADDS_ASSUMED}
 
-    # Peak memory
+
+def measure_memory(arguments, report: dict, sets: dict, scratch: Path, say) -> None:
+    """Row rss: peak memory of the pipeline in child processes, and its growth per image on thousands of tiny ones."""
     say("Peak RSS (child processes) ...")
-    # One full batch (get_bottlenecks' batch_size) and then as many files as it has decode workers: the network runs
-    # on the full batch while the workers decode the next one, so onnxruntime's memory for a whole batch and the
-    # decoders' peak are both in the measurement.
-    defaults = inspect.signature(bottleneck_store.get_bottlenecks).parameters
-    files = defaults["batch_size"].default + defaults["workers"].default
+    # One full batch and then as many files as there are decode workers: the network runs on the full batch while the
+    # workers decode the next one, so onnxruntime's memory for a whole batch and the decoders' peak both count.
+    files = PIPELINE_BATCH + DECODE_WORKERS
     memory = {kind: measure_rss(distinct_copies(entry["paths"], max(len(entry["paths"]), files)), scratch,
-                                stub_network=False, batch_size=defaults["batch_size"].default)
+                                stub_network=False, batch_size=PIPELINE_BATCH)
               for kind, entry in sets.items()}
     small, large = arguments.rss_images // 5, arguments.rss_images
     tiny = tiny_images(scratch / "tiny", large)
@@ -766,37 +817,32 @@ def measure_everything(arguments, report: dict[str, Any], scratch: Path, say: Ca
                              for n in (small, large)}
     report["memory"] = memory
 
-    # (d) PyTorch, last: importing torch starts OpenMP threads that could disturb the rows above
-    if not have_torch:
-        report["torch"] = {"skipped": "torch not importable"}
-    elif arguments.no_torch:
-        report["torch"] = {"skipped": "--no-torch"}
-    else:
-        report["torch"] = measure_torch(arguments, demo_tensors, (train_x, train_y, validation_x, validation_y),
-                                        backbone, say)
-    report["load_average"]["end"] = load_average()
-    report["seconds"] = time.perf_counter() - started
-    report["rows"] = summary_rows(report)
-    return report
 
-
-def measure_torch(arguments, tensors: np.ndarray, training_data: tuple, backbone: Backbone,
-                  say: Callable[[str], None]) -> dict:
-    """Rows (d) and the PyTorch half of (e).
+def measure_torch(arguments, report: dict, inputs: dict | None, say: Callable[[str], None]) -> None:
+    """Row (d) (when `inputs` are given: the network) and the PyTorch half of (e).
 
     PyTorch parallelises each operator with OpenMP; when other processes also want the 2 cores, every operator waits
     at a barrier for a descheduled thread, and 2-thread timings collapse (seen here: 4 s per image at batch 1).
     So (d) is also measured on 1 thread, and the training loop (thousands of tiny operators) runs on 1 thread,
     PyTorch's fastest setting for it.
     """
+    if importlib.util.find_spec("torch") is None:
+        report["torch"] = {"skipped": "torch not importable"}
+        return
+    if arguments.no_torch:
+        report["torch"] = {"skipped": "--no-torch"}
+        return
     import torch
 
     result: dict[str, Any] = {}
     weights = cache_dir() / "default_1.pt"
-    if not weights.exists():
+    if inputs is None:
+        result["skipped_network"] = "row d not asked for (--rows)"
+    elif not weights.exists():
         result["skipped_network"] = f"{weights} not found (it is fetched when the backbone is first built)"
     else:
         say("(d) PyTorch eager, original TorchScript ...")
+        tensors = inputs["demo_tensors"]
         model = torch.jit.load(str(weights), map_location="cpu").eval()
 
         def rate(network, size: int, threads: int) -> dict:
@@ -813,32 +859,45 @@ def measure_torch(arguments, tensors: np.ndarray, training_data: tuple, backbone
             result["forward_1_thread_16"] = rate(model, 16, 1)
             torch.set_num_threads(2)
             output = model(torch.from_numpy(tensors)).numpy()
-            reference = run_backbone(backbone, tensors)
+            reference = run_backbone(inputs["backbone"], tensors)
             result["max_abs_difference_vs_onnxruntime"] = float(np.abs(output - reference).max())
             say("(d) PyTorch, frozen + optimize_for_inference (best effort, for information) ...")
             frozen = torch.jit.optimize_for_inference(torch.jit.freeze(model))
             result["forward_frozen_16"] = rate(frozen, 16, 2)
-    say("(e) PyTorch training loop (1 thread) ...")
-    torch.set_num_threads(1)
-    result["training"] = best_of(lambda: torch_training_loop(torch, *training_data, arguments.steps, 100),
-                                 arguments.repeats)
-    result["training"]["threads"] = 1
-    return result
+    if "e" in arguments.rows:
+        say("(e) PyTorch training loop (1 thread) ...")
+        torch.set_num_threads(1)
+        result["training"] = best_of(lambda: torch_training_loop(torch, *training_data(arguments, np.random.default_rng(0)),
+                                                                 arguments.steps,
+                                                                 TRAINING.train_batch_size), arguments.repeats)
+        result["training"]["threads"] = 1
+    report["torch"] = result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# The table
+# The table: one function per row
 
 
-def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """One dict per printed row: row, what, images/s, ms/image, ratio, target, verdict."""
-    rows: list[dict[str, Any]] = []
+def table_row(row, what, per_second=None, ms=None, ratio=None, ratio_of="", target=None, verdict=None) -> dict:
+    """One printed row: row, what, images/s, ms/image, ratio, target, verdict."""
+    return {"row": row, "what": what, "images_per_second": per_second, "ms_per_image": ms, "ratio": ratio,
+            "ratio_of": ratio_of, "target": target, "verdict": verdict}
 
-    def add(row, what, per_second=None, ms=None, ratio=None, ratio_of="", target=None, verdict=None):
-        rows.append({"row": row, "what": what, "images_per_second": per_second, "ms_per_image": ms,
-                     "ratio": ratio, "ratio_of": ratio_of, "target": target, "verdict": verdict})
 
-    forward = report["forward_onnxruntime"]
+def flop_limits(report: dict) -> tuple[float, float]:
+    """Images/s if every multiply-add ran at sgemm speed: on all threads, and on one (nan where not measured)."""
+    flops = report.get("flops")
+    if not flops:
+        return float("nan"), float("nan")
+    multiply_adds = flops["multiply_adds_counted"] or flops["multiply_adds_assumed"]
+    unset = flops["sgemm"]["unset"]
+    return tuple((unset.get(key) or float("nan")) * 1e9 / (2 * multiply_adds)
+                 for key in ("numpy_gflops", "numpy_gflops_1_thread"))
+
+
+def pipeline_rows(report: dict) -> list[dict]:
+    """(a) the pipeline per kind of image, as a share of the raw forward and of what 2 cores allow."""
+    rows, forward = [], report["forward_onnxruntime"]
     # The pipeline is compared with the best raw forward of batch 16 and 32 (strict: a slower batch size chosen by
     # the pipeline counts against it); the row also gives the ratio to its own batch size (decode overhead alone).
     raw = max(forward[16]["images_per_second"], forward[32]["images_per_second"])
@@ -846,141 +905,193 @@ def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     for kind, entry in report["pipeline"].items():
         measured = entry["pipeline"]
         ratio = measured["images_per_second"] / raw
-        is_target = kind == "demo JPEG X-rays"
+        is_target = kind == DEMO_KIND
         network = measured["network_seconds"] / measured["seconds"]
         store = measured["store_seconds"] / measured["seconds"]
         own = measured["images_per_second"] / forward[own_batch]["images_per_second"]
         # What 2 cores allow: decoding and the network each use both cores, so at best their times add up:
         # decode+resize on 2 threads + the raw forward at the pipeline's batch size, per image.
         bound = 1 / entry["decode"]["images_per_second_2_threads"] + forward[own_batch]["seconds_per_image"]
-        add("a", f"pipeline, {kind} (network {network:.0%}, cache {store:.0%}, decode wait+sha1 "
+        rows.append(table_row(
+            "a", f"pipeline, {kind} (network {network:.0%}, cache {store:.0%}, decode wait+sha1 "
                  f"{1 - network - store:.0%}; {own:.2f} x raw forward at its batch size {own_batch}; "
                  f"{bound * measured['images_per_second']:.0%} of the 2-core bound, {1000 * bound:.1f} ms/image = "
                  f"decode on 2 threads + network)",
             measured["images_per_second"], 1000 / measured["images_per_second"], ratio, "x raw forward",
             ">= 0.9x" if is_target else None,
-            ("PASS" if ratio >= TARGETS["pipeline_vs_forward"] else "MISS") if is_target else None)
+            ("PASS" if ratio >= TARGETS["pipeline_vs_forward"] else "MISS") if is_target else None))
         if "pipeline_fast_decode" in entry:
             fast = entry["pipeline_fast_decode"]
-            add("a", f"  with --fast_decode: {kind}", fast["images_per_second"], 1000 / fast["images_per_second"],
-                fast["images_per_second"] / raw, "x raw forward")
-        add("a", f"  second run, all cached: {kind} (SHA-1 of the files, on 2 threads: "
+            rows.append(table_row("a", f"  with --fast_decode: {kind}", fast["images_per_second"],
+                                  1000 / fast["images_per_second"], fast["images_per_second"] / raw, "x raw forward"))
+        rows.append(table_row(
+            "a", f"  second run, all cached: {kind} (SHA-1 of the files, on 2 threads: "
                  f"{1000 * measured['cached_rerun_sha1_seconds'] / measured['images']:.1f} ms of thread time per file)",
-            measured["cached_rerun_images_per_second"], 1000 / measured["cached_rerun_images_per_second"])
+            measured["cached_rerun_images_per_second"], 1000 / measured["cached_rerun_images_per_second"]))
         decode = entry["decode"]
-        add("a", f"  decode+resize alone, {kind} (1 thread; 2 threads: "
-                 f"{decode['images_per_second_2_threads']:.1f}/s)",
+        rows.append(table_row(
+            "a", f"  decode+resize alone, {kind} (1 thread; 2 threads: {decode['images_per_second_2_threads']:.1f}/s)",
             1 / decode["seconds_per_image_1_thread"], 1000 * decode["seconds_per_image_1_thread"],
-            decode["seconds_per_image_1_thread"] * raw, "x forward time")
+            decode["seconds_per_image_1_thread"] * raw, "x forward time"))
+    return rows
+
+
+def forward_rows(report: dict) -> list[dict]:
+    """(b) the backbone alone per batch size and on 1 thread, as a share of the FLOP limit; the memory arena."""
+    forward, one = report["forward_onnxruntime"], report["forward_onnxruntime_1_thread"]
+    limit, limit_1 = flop_limits(report)
+    rows = [table_row("b", f"onnxruntime forward, batch {size}", forward[size]["images_per_second"],
+                      1000 * forward[size]["seconds_per_image"], forward[size]["images_per_second"] / limit,
+                      "x FLOP limit") for size in sorted(forward)]
+    rows.append(table_row("b", "  onnxruntime forward, 1 thread, batch 16", one["images_per_second"],
+                          1000 * one["seconds_per_image"], one["images_per_second"] / limit_1, "x 1-thread FLOP limit"))
+    arena = report.get("arena", {"error": "not measured"})
+    if "error" in arena:
+        rows.append(table_row("b", f"  memory arena on/off: failed ({arena['error']})"))
+    else:
+        on, off = arena["on"], arena["off"]
+        rows.append(table_row(
+            "b", f"  memory arena off, batch {report['pipeline_batch_size']} (the product keeps it on): peak RSS "
+                 f"{off['peak_rss_mib']:.0f} MiB instead of {on['peak_rss_mib']:.0f}", 1 / off["seconds_per_image"],
+            1000 * off["seconds_per_image"], off["seconds_per_image"] / on["seconds_per_image"], "x time with arena"))
+    return rows
+
+
+def flop_limit_rows(report: dict) -> list[dict]:
+    """(c) the FLOP limit from numpy's (and torch's) sgemm, on all threads and on one."""
     flops = report["flops"]
     multiply_adds = flops["multiply_adds_counted"] or flops["multiply_adds_assumed"]
     unset = flops["sgemm"]["unset"]
-
-    def limit_of(gflops: float | None) -> float:  # images/s if every multiply-add ran at sgemm speed
-        return (gflops or float("nan")) * 1e9 / (2 * multiply_adds)
-
-    limit, limit_1 = limit_of(unset.get("numpy_gflops")), limit_of(unset.get("numpy_gflops_1_thread"))
-    for size in sorted(forward):
-        add("b", f"onnxruntime forward, batch {size}", forward[size]["images_per_second"],
-            1000 * forward[size]["seconds_per_image"], forward[size]["images_per_second"] / limit, "x FLOP limit")
-    one = report["forward_onnxruntime_1_thread"]
-    add("b", "  onnxruntime forward, 1 thread, batch 16", one["images_per_second"], 1000 * one["seconds_per_image"],
-        one["images_per_second"] / limit_1, "x 1-thread FLOP limit")
-    arena = report.get("arena", {"error": "not measured"})
-    if "error" in arena:
-        add("b", f"  memory arena on/off: failed ({arena['error']})")
-    else:
-        on, off = arena["on"], arena["off"]
-        add("b", f"  memory arena off, batch {report['pipeline_batch_size']} (the product keeps it on): peak RSS "
-                 f"{off['peak_rss_mib']:.0f} MiB instead of {on['peak_rss_mib']:.0f}", 1 / off["seconds_per_image"],
-            1000 * off["seconds_per_image"], off["seconds_per_image"] / on["seconds_per_image"], "x time with arena")
+    limit, limit_1 = flop_limits(report)
     kernel = ",".join(str(info.get("architecture")) for info in (unset.get("threadpoolctl") or [])) or "unknown"
-    add("c", f"FLOP limit: numpy sgemm {unset.get('numpy_gflops', float('nan')):.0f} GFLOP/s "
-             f"(OpenBLAS kernel {kernel}) / (2 x {multiply_adds / 1e9:.2f} G mult-adds)", limit, 1000 / limit, 1.0)
+    rows = [table_row("c", f"FLOP limit: numpy sgemm {unset.get('numpy_gflops', float('nan')):.0f} GFLOP/s "
+                           f"(OpenBLAS kernel {kernel}) / (2 x {multiply_adds / 1e9:.2f} G mult-adds)",
+                      limit, 1000 / limit, 1.0)]
     if "numpy_gflops_1_thread" in unset:
-        add("c", f"  same on 1 thread: {unset['numpy_gflops_1_thread']:.0f} GFLOP/s", limit_1, 1000 / limit_1,
-            limit_1 / limit, "x 2-thread limit")
+        rows.append(table_row("c", f"  same on 1 thread: {unset['numpy_gflops_1_thread']:.0f} GFLOP/s", limit_1,
+                              1000 / limit_1, limit_1 / limit, "x 2-thread limit"))
         cores = report["machine"]["cores"] or 1
-        add("c", f"  {cores} x the 1-thread limit (every core free for us)", cores * limit_1, 1000 / (cores * limit_1),
-            cores * limit_1 / limit, "x 2-thread limit")
+        rows.append(table_row("c", f"  {cores} x the 1-thread limit (every core free for us)", cores * limit_1,
+                              1000 / (cores * limit_1), cores * limit_1 / limit, "x 2-thread limit"))
     for key, label in (("torch_gflops", "torch (MKL) sgemm"), ("torch_gflops_1_thread", "torch (MKL) sgemm, 1 thread")):
         if key in unset:
-            add("c", f"  {label}: {unset[key]:.0f} GFLOP/s", limit_of(unset[key]), 1000 / limit_of(unset[key]),
-                limit_of(unset[key]) / limit, "x numpy limit")
+            torch_limit = unset[key] * 1e9 / (2 * multiply_adds)
+            rows.append(table_row("c", f"  {label}: {unset[key]:.0f} GFLOP/s", torch_limit, 1000 / torch_limit,
+                                  torch_limit / limit, "x numpy limit"))
     if "as_set" in flops["sgemm"] and "numpy_gflops" in flops["sgemm"]["as_set"]:
         as_set = flops["sgemm"]["as_set"]
         kernel = ",".join(str(info.get("architecture")) for info in (as_set.get("threadpoolctl") or []))
-        add("c", f"  sgemm with OPENBLAS_CORETYPE as set here: {as_set['numpy_gflops']:.0f} GFLOP/s ({kernel})",
-            ratio=as_set["numpy_gflops"] / unset["numpy_gflops"], ratio_of="x unset")
+        rows.append(table_row("c", f"  sgemm with OPENBLAS_CORETYPE as set here: {as_set['numpy_gflops']:.0f} GFLOP/s "
+                                   f"({kernel})", ratio=as_set["numpy_gflops"] / unset["numpy_gflops"],
+                              ratio_of="x unset"))
+    return rows
+
+
+def torch_rows(report: dict) -> list[dict]:
+    """(d) PyTorch running the original TorchScript, against onnxruntime on the same tensors."""
     torch_report = report["torch"]
-    if "forward" in torch_report:
-        compared = [(torch_report["forward"][1], forward[1], "PyTorch eager (TorchScript), 2 threads, batch 1"),
-                    (torch_report["forward"][16], forward[16], "PyTorch eager (TorchScript), 2 threads, batch 16"),
-                    (torch_report["forward_1_thread_16"], one, "PyTorch eager, 1 thread, batch 16 (vs onnxruntime "
-                                                               "on 1 thread)")]
-        for measured, ours, label in compared:
-            speedup = ours["images_per_second"] / measured["images_per_second"]
-            add("d", label, measured["images_per_second"], 1000 * measured["seconds_per_image"], speedup,
-                "onnxruntime speedup", ">= 2x", "PASS" if speedup >= TARGETS["onnxruntime_vs_torch"] else "MISS")
-        frozen = torch_report["forward_frozen_16"]
-        add("d", "  PyTorch frozen + optimize_for_inference, 2 threads, batch 16 (info)", frozen["images_per_second"],
-            1000 * frozen["seconds_per_image"], forward[16]["images_per_second"] / frozen["images_per_second"],
-            "onnxruntime speedup")
-    else:
-        add("d", f"PyTorch: skipped ({torch_report.get('skipped') or torch_report.get('skipped_network')})")
-    seconds = report["training_numpy"]["best"]
-    steps = report["training_numpy"]["steps"]
+    if "forward" not in torch_report:
+        return [table_row("d", f"PyTorch: skipped ({torch_report.get('skipped') or torch_report.get('skipped_network')})")]
+    forward, one = report["forward_onnxruntime"], report["forward_onnxruntime_1_thread"]
+    compared = [(torch_report["forward"][1], forward[1], "PyTorch eager (TorchScript), 2 threads, batch 1"),
+                (torch_report["forward"][16], forward[16], "PyTorch eager (TorchScript), 2 threads, batch 16"),
+                (torch_report["forward_1_thread_16"], one, "PyTorch eager, 1 thread, batch 16 (vs onnxruntime "
+                                                           "on 1 thread)")]
+    rows = []
+    for measured, ours, label in compared:
+        speedup = ours["images_per_second"] / measured["images_per_second"]
+        rows.append(table_row("d", label, measured["images_per_second"], 1000 * measured["seconds_per_image"], speedup,
+                              "onnxruntime speedup", ">= 2x",
+                              "PASS" if speedup >= TARGETS["onnxruntime_vs_torch"] else "MISS"))
+    frozen = torch_report["forward_frozen_16"]
+    rows.append(table_row("d", "  PyTorch frozen + optimize_for_inference, 2 threads, batch 16 (info)",
+                          frozen["images_per_second"], 1000 * frozen["seconds_per_image"],
+                          forward[16]["images_per_second"] / frozen["images_per_second"], "onnxruntime speedup"))
+    return rows
+
+
+def training_rows(report: dict) -> list[dict]:
+    """(e) the NumPy training loop against the 0.3 s target, its floor, and the same loop in PyTorch."""
+    seconds, steps = report["training_numpy"]["best"], report["training_numpy"]["steps"]
+    target = TARGETS["training_seconds"]
     per_4000 = seconds * 4000 / steps  # the target is for 4000 steps
-    add("e", f"NumPy training, {steps} steps x batch 100, {report['training_numpy']['rows']} rows: {seconds:.3f} s",
-        ratio=per_4000 / TARGETS["training_seconds"], ratio_of="x target time", target="<= 0.3 s / 4000 steps",
-        verdict="PASS" if per_4000 <= TARGETS["training_seconds"] else "MISS")
+    rows = [table_row("e", f"NumPy training, {steps} steps x batch 100, {report['training_numpy']['rows']} rows: "
+                           f"{seconds:.3f} s", ratio=per_4000 / target, ratio_of="x target time",
+                      target="<= 0.3 s / 4000 steps", verdict="PASS" if per_4000 <= target else "MISS")]
     floor = report["training_floor"]["best"]
-    add("e", f"  floor: only the gather of 100 rows and the two matrix products, {steps} times: {floor:.3f} s",
-        ratio=floor * 4000 / steps / TARGETS["training_seconds"], ratio_of="x target time")
+    rows.append(table_row("e", f"  floor: only the gather of 100 rows and the two matrix products, {steps} times: "
+                               f"{floor:.3f} s", ratio=floor * 4000 / steps / target, ratio_of="x target time"))
     small = report["training_numpy_shenzhen"]["best"]
-    add("e", f"NumPy training, {steps} steps x batch 100, {SHENZHEN_TRAINING_ROWS} rows (Shenzhen's training split): "
-             f"{small:.3f} s", ratio=small * 4000 / steps / TARGETS["training_seconds"], ratio_of="x target time",
-        target="<= 0.3 s / 4000 steps", verdict="PASS" if small * 4000 / steps <= TARGETS["training_seconds"] else "MISS")
+    rows.append(table_row("e", f"NumPy training, {steps} steps x batch 100, {SHENZHEN_TRAINING_ROWS} rows (Shenzhen's "
+                               f"training split): {small:.3f} s", ratio=small * 4000 / steps / target,
+                          ratio_of="x target time", target="<= 0.3 s / 4000 steps",
+                          verdict="PASS" if small * 4000 / steps <= target else "MISS"))
     small_floor = report["training_floor_shenzhen"]["best"]
-    add("e", f"  floor at {SHENZHEN_TRAINING_ROWS} rows: {small_floor:.3f} s",
-        ratio=small_floor * 4000 / steps / TARGETS["training_seconds"], ratio_of="x target time")
-    if "training" in torch_report:
-        torch_seconds = torch_report["training"]["best"]
-        add("e", f"  PyTorch training, same loop, 1 thread: {torch_seconds:.3f} s", ratio=torch_seconds / seconds,
-            ratio_of="x NumPy time")
+    rows.append(table_row("e", f"  floor at {SHENZHEN_TRAINING_ROWS} rows: {small_floor:.3f} s",
+                          ratio=small_floor * 4000 / steps / target, ratio_of="x target time"))
+    if "training" in report.get("torch", {}):
+        torch_seconds = report["torch"]["training"]["best"]
+        rows.append(table_row("e", f"  PyTorch training, same loop, 1 thread: {torch_seconds:.3f} s",
+                              ratio=torch_seconds / seconds, ratio_of="x NumPy time"))
+    return rows
+
+
+def store_rows(report: dict) -> list[dict]:
+    """(f) loading 100k cached bottlenecks, and merging a new batch into them."""
     store = report["store_load"]
     per_100k = store["best"] * 100_000 / store["rows"]  # the target is for 100k rows
-    add("f", f"load {store['rows']} cached bottlenecks ({store['shard_bytes'] / 1e6:.0f} MB shard): "
-             f"{store['best']:.2f} s", store["rows"] / store["best"], None,
-        per_100k / TARGETS["store_load_seconds"], "x target time", "<= 2 s / 100k",
-        "PASS" if per_100k <= TARGETS["store_load_seconds"] else "MISS")
+    rows = [table_row("f", f"load {store['rows']} cached bottlenecks ({store['shard_bytes'] / 1e6:.0f} MB shard): "
+                           f"{store['best']:.2f} s", store["rows"] / store["best"], None,
+                      per_100k / TARGETS["store_load_seconds"], "x target time", "<= 2 s / 100k",
+                      "PASS" if per_100k <= TARGETS["store_load_seconds"] else "MISS")]
     compact = report["store_compact"]
     if "seconds" in compact:
-        add("f", f"  a run then adds 32 images: its compact_store takes {compact['seconds']:.2f} s, "
-                 f"peak RSS {compact['peak_rss_bytes'] / 2**20:.0f} MiB")
-    for kind, measured in report["draft"].items():
-        add("g", f"--fast_decode, {kind}: max |diff| {measured['max_abs_difference']:.3f}, mean "
-                 f"{measured['mean_abs_difference']:.4f} (mean |bottleneck| {measured['mean_abs_bottleneck']:.3f}), "
-                 f"min cosine {measured['min_cosine']:.4f}",
-            1 / measured["decode_fast"]["seconds_per_image_1_thread"],
-            1000 * measured["decode_fast"]["seconds_per_image_1_thread"], measured["decode_speedup"],
-            "x decode speedup")
+        rows.append(table_row("f", f"  a run then adds 32 images: its compact_store takes {compact['seconds']:.2f} s, "
+                                   f"peak RSS {compact['peak_rss_bytes'] / 2**20:.0f} MiB"))
+    return rows
+
+
+def fast_decode_rows(report: dict) -> list[dict]:
+    """(g) --fast_decode: how far its bottlenecks are from the exact ones, and how much faster it decodes."""
+    return [table_row("g", f"--fast_decode, {kind}: max |diff| {measured['max_abs_difference']:.3f}, mean "
+                           f"{measured['mean_abs_difference']:.4f} (mean |bottleneck| "
+                           f"{measured['mean_abs_bottleneck']:.3f}), min cosine {measured['min_cosine']:.4f}",
+                      1 / measured["decode_fast"]["seconds_per_image_1_thread"],
+                      1000 * measured["decode_fast"]["seconds_per_image_1_thread"], measured["decode_speedup"],
+                      "x decode speedup") for kind, measured in report["draft"].items()]
+
+
+def memory_rows(report: dict) -> list[dict]:
+    """rss: peak memory of the pipeline per kind of image, and the estimate for 10k images."""
     memory = report["memory"]
     real = {kind: m["peak_rss_bytes"] for kind, m in memory.items() if kind != "bookkeeping" and "peak_rss_bytes" in m}
-    for kind, peak in real.items():
-        add("rss", f"peak RSS, pipeline on {memory[kind]['images']} files, {kind}: {peak / 2**20:.0f} MiB "
-                   f"({memory[kind]['peak_rss_before_pipeline_bytes'] / 2**20:.0f} MiB before it)")
+    rows = [table_row("rss", f"peak RSS, pipeline on {memory[kind]['images']} files, {kind}: {peak / 2**20:.0f} MiB "
+                             f"({memory[kind]['peak_rss_before_pipeline_bytes'] / 2**20:.0f} MiB before it)")
+            for kind, peak in real.items()]
     book = memory["bookkeeping"]
     sizes = sorted(int(n) for n in book if "peak_rss_bytes" in book[n])
     if len(sizes) == 2 and real:
         small, large = (book[str(n)] for n in sizes)
         per_image = (large["peak_rss_bytes"] - small["peak_rss_bytes"]) / (sizes[1] - sizes[0])
         estimate = max(real.values()) + 10_000 * max(per_image, 0.0)
-        add("rss", f"peak RSS for 10k images (estimate: worst peak above + 10k x {per_image / 1024:.0f} KiB/image, "
+        rows.append(table_row(
+            "rss", f"peak RSS for 10k images (estimate: worst peak above + 10k x {per_image / 1024:.0f} KiB/image, "
                    f"the growth measured on {sizes[0]}..{sizes[1]} tiny images): {estimate / 2**20:.0f} MiB",
             ratio=estimate / TARGETS["rss_10k_bytes"], ratio_of="x target", target="< 2 GB",
-            verdict="PASS" if estimate < TARGETS["rss_10k_bytes"] else "MISS")
+            verdict="PASS" if estimate < TARGETS["rss_10k_bytes"] else "MISS"))
     return rows
+
+
+# Each row of the table: the function that prints it, and the report entry its measurement leaves.
+ROW_FUNCTIONS = {"a": (pipeline_rows, "pipeline"), "b": (forward_rows, "forward_onnxruntime"),
+                 "c": (flop_limit_rows, "flops"), "d": (torch_rows, "torch"), "e": (training_rows, "training_numpy"),
+                 "f": (store_rows, "store_load"), "g": (fast_decode_rows, "draft"), "rss": (memory_rows, "memory")}
+
+
+def summary_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The table, row after row, for the rows that were measured (see --rows)."""
+    return [line for row in report.get("rows_measured", ROWS) for function, key in [ROW_FUNCTIONS[row]]
+            if key in report for line in function(report)]
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -1009,12 +1120,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="tiny images for the memory growth per image (default 10000, at least 1000)")
     parser.add_argument("--sgemm-size", type=int, default=2048, help="n of the n x n sgemm (default 2048)")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch rows even when torch imports")
+    parser.add_argument("--rows", type=lambda text: text.split(","), default=list(ROWS),
+                        help=f"comma-separated rows to measure, of {','.join(ROWS)} (default: all; a and b are "
+                        "measured together)")
     parser.add_argument("--output", type=Path, help="write every measurement as JSON here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     arguments = parser.parse_args(argv)
     if arguments.child:
         child(arguments.child)
         return 0
+    unknown = [row for row in arguments.rows if row not in ROWS]
+    if unknown:
+        parser.error(f"--rows: no row {', '.join(unknown)}; the rows are {','.join(ROWS)}")
     if arguments.count < 1 or arguments.demo_copies < 1 or arguments.repeats < 1 or arguments.rss_images < 1000:
         parser.error("--count, --demo-copies and --repeats must be >= 1, --rss-images >= 1000 (a smaller slope is noise)")
     report = run(arguments)

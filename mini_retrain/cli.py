@@ -6,10 +6,12 @@ Flag names follow TensorFlow's retrain.py and label_image, so its users recognis
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from mini_retrain import __version__
+from mini_retrain.errors import BadImageError
 
 
 def _backbone(args: argparse.Namespace) -> int:
@@ -302,8 +304,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flags_of(parser: argparse.ArgumentParser, command: str) -> dict[str, str]:
+    """{parameter name: its flag} of one subcommand, e.g. {"learning_rate": "--learning_rate", "output": "--output"}."""
+    sub = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction)).choices[command]
+    return {action.dest: max(action.option_strings, key=len) for action in sub._actions if action.option_strings}
+
+
+def with_flags(message: str, flags: dict[str, str]) -> str:
+    """A library error names parameters; on the command line they are flags. The parameter the message starts with
+    (after an optional "PATH: ") becomes its flag, and so does each name=VALUE in it:
+
+        "lungs: image_dir does not exist"      ->  "lungs: --image_dir does not exist"
+        "folds 9 is more ...; use folds=3"     ->  "--folds 9 is more ...; use --folds 3"
+
+    Names that are no flag of the command stay as they are."""
+    message = re.sub(r"\b([a-z][a-z0-9_]*)=(?=\S)",
+                     lambda match: f"{flags[match[1]]} " if match[1] in flags else match[0], message)
+    leading = re.match(r"^((?:\S+: )?)([a-z][a-z0-9_]*)\b", message)
+    if leading and leading[2] in flags:
+        message = leading[1] + flags[leading[2]] + message[leading.end():]
+    return message
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -313,5 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, RuntimeError) as error:
         # One line, naming the file and the fix; never a traceback for a problem with the user's input.
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if not isinstance(error, BadImageError | OSError):  # those name a file and what is wrong with it
+            message = with_flags(message, _flags_of(parser, args.command))
         print(f"mini_retrain: error: {message}", file=sys.stderr)
         return 2

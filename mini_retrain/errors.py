@@ -3,11 +3,20 @@
 Library functions raise ValueError naming the *parameter* (`learning_rate must be > 0`); the command line
 (mini_retrain/cli.py) maps parameter names to its flags. A bad image is different: it is about a *file*, so it names
 the file, what is wrong and what to do.
+
+Messages go through a `log` callable (print by default); `print_to_stderr` is the default where stdout carries data
+(`label --json`).
 """
 
 from __future__ import annotations
 
 import os
+import sys
+
+
+def print_to_stderr(line: str) -> None:
+    """A `log` callable for warnings that must stay out of stdout."""
+    print(line, file=sys.stderr, flush=True)
 
 
 class BadImageError(ValueError):

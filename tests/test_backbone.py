@@ -11,7 +11,7 @@ import pytest
 from mini_retrain.build import backbone_build
 from mini_retrain.pipeline.backbone import choose_providers, load_backbone, run_backbone, session_options
 from mini_retrain.build.torchscript_archive import ArchiveError, read_archive
-from tests.conftest import DEMO_DATA
+from tests.conftest import DEMO_DATA, quiet
 
 REFERENCE = DEMO_DATA.parents[1] / "tests" / "data" / "reference_pool3.npz"
 
@@ -114,7 +114,7 @@ def test_cli_builds_backbone_from_local_weights(tmp_path, real_backbone_path, ca
     output = tmp_path / "x.onnx"
     assert main(["backbone", "--output", str(output), "--weights", str(weights)]) == 0
     assert capsys.readouterr().out.strip().endswith("x.onnx")
-    built = load_backbone(output, device="cpu", verbose=False)
+    built = load_backbone(output, device="cpu", log=quiet)
     assert built.sidecar["weights_sha1"] == backbone_build.WEIGHTS_SHA1
     assert run_backbone(built, np.zeros((1, 3, 299, 299), np.float32)).shape == (1, 2048)
 
@@ -146,7 +146,7 @@ def test_provider_selection(device, available, expected, warns):
 
 
 def test_unknown_device_is_refused():
-    with pytest.raises(ValueError, match="--device"):
+    with pytest.raises(ValueError, match="^device 'tpu' is not one of auto, cpu, cuda"):
         choose_providers("tpu", ["CPUExecutionProvider"])
 
 
@@ -155,11 +155,12 @@ def test_cuda_requested_on_cpu_machine_falls_back_with_message(tiny_backbone, ca
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("this machine has CUDA; the fallback is for machines without it")
-    backbone = load_backbone(tiny_backbone, device="cuda")
+    lines: list[str] = []
+    backbone = load_backbone(tiny_backbone, device="cuda", log=lines.append)
     assert backbone.provider == "CPUExecutionProvider"
-    captured = capsys.readouterr()
-    assert "WARNING: CUDA was asked for" in captured.err and "using the CPU" in captured.err  # stderr: not in --json
-    assert "Backbone tiny" in captured.out and "on CPUExecutionProvider" in captured.out
+    assert lines[0].startswith("WARNING: CUDA was asked for") and lines[0].endswith("using the CPU")
+    assert lines[1].startswith("Backbone tiny") and lines[1].endswith("on CPUExecutionProvider")
+    assert capsys.readouterr().out == ""  # everything went through log
     assert run_backbone(backbone, np.ones((2, 3, 299, 299), np.float32)).shape == (2, 4)
 
 
@@ -179,7 +180,7 @@ def test_session_options_use_every_core_and_let_idle_threads_sleep(monkeypatch):
 def test_backbone_without_sidecar_is_refused(tiny_backbone):
     tiny_backbone.with_suffix(".json").unlink()
     with pytest.raises(ValueError, match="sidecar"):
-        load_backbone(tiny_backbone, device="cpu", verbose=False)
+        load_backbone(tiny_backbone, device="cpu", log=quiet)
 
 
 def test_weights_from_wheel_file(tmp_path, monkeypatch, real_backbone_path):
@@ -231,6 +232,9 @@ def test_a_cached_backbone_of_an_older_format_is_rebuilt(tmp_path, monkeypatch, 
     sidecar.pop("format")
     backbone_build.sidecar_path(tmp_path / backbone_build.BACKBONE_FILENAME).write_text(json.dumps(sidecar))
     rebuilt = []
-    monkeypatch.setattr(backbone_build, "build_backbone", lambda path: rebuilt.append(path))
-    backbone_build.ensure_backbone()
+    monkeypatch.setattr(backbone_build, "build_backbone", lambda path, log: rebuilt.append(path))
+    lines: list[str] = []
+    backbone_build.ensure_backbone(log=lines.append)
     assert rebuilt == [tmp_path / backbone_build.BACKBONE_FILENAME]
+    assert lines == [f"Rebuilding the Inception v3 backbone at {rebuilt[0]}: the cached file predates the pooled "
+                     "layers ..."]

@@ -3,6 +3,7 @@
 import numpy as np
 
 from mini_retrain.pipeline.bottlenecks import compact_store, load_store, write_shard
+from tests.conftest import quiet
 
 
 def keys_for(prefix: str, n: int) -> list[str]:
@@ -83,7 +84,7 @@ def test_files_hashed_by_several_threads_keep_their_order(tmp_path, tiny_backbon
     paths[3] = tmp_path / "folder.png"
     paths[8] = tmp_path / "missing.png"
     paths[10] = paths[1]  # the same file twice
-    backbone = load_backbone(tiny_backbone, device="cpu", verbose=False)
+    backbone = load_backbone(tiny_backbone, device="cpu", log=quiet)
     lines: list[str] = []
     found = get_bottlenecks(paths, backbone, tmp_path / "cache", workers=3, log=lines.append)
 

@@ -102,11 +102,11 @@ def test_too_many_folds_names_the_class_and_the_fix():
                                                       "tb/p3.png"]
     classes = np.array([0] * 6 + [1] * 4)
     assign_folds(files, classes, 3, np.random.default_rng(0))  # fine
-    message = r"--folds 4 is more than class 'tb' has .*\(3 _nohash_ groups\); use --folds 3 or fewer"
+    message = r"^folds 4 is more than class 'tb' has .*\(3 _nohash_ groups\); use folds=3 or fewer"
     with pytest.raises(ValueError, match=message):
         assign_folds(files, classes, 4, np.random.default_rng(0), ["normal", "tb"])
     for folds in (1, 0, 2.5):
-        with pytest.raises(ValueError, match="--folds must be an integer >= 2"):
+        with pytest.raises(ValueError, match="^folds must be an integer >= 2"):
             assign_folds(files, classes, folds, np.random.default_rng(0))
 
 
@@ -135,7 +135,7 @@ def test_separable_data_is_predicted_perfectly_once_per_image_with_groups_whole(
     dataset, groups = separable_dataset()
     lines = []
     result = cross_validate(dataset, 4, np.random.default_rng(0), how_many_training_steps=200, learning_rate=0.1,
-                            train_batch_size=20, log=lines.append)
+                            train_batch_size=20, class_balancing=True, log=lines.append)
     predictions = result["predictions"]
     assert [p["file"] for p in predictions] == dataset.files  # each image predicted exactly once
     assert all(p["predicted"] == p["true"] for p in predictions)
@@ -161,10 +161,11 @@ def test_held_out_folds_are_never_trained_on():
     bottlenecks = rng.standard_normal((n, d))
     classes = rng.permutation(np.repeat([0, 1], n // 2))
     dataset = synthetic_dataset(bottlenecks, classes, [f"c{c}/img{i}.png" for i, c in enumerate(classes)])
-    steps = dict(how_many_training_steps=300, learning_rate=0.1, train_batch_size=50)
+    steps = dict(how_many_training_steps=300, learning_rate=0.1, train_batch_size=50, class_balancing=True)
 
     leaky, _ = train_final_layer(dataset.bottlenecks, classes, np.empty((0, d)), np.empty(0, np.int64), 2,
-                                 np.random.default_rng(0), log=quiet, **steps)
+                                 np.random.default_rng(0), validation_batch_size=100, eval_step_interval=10,
+                                 log=quiet, **steps)
     assert accuracy(leaky, dataset.bottlenecks, classes) == 1.0  # what a leak would score
     result = cross_validate(dataset, 5, np.random.default_rng(0), log=quiet, **steps)
     # Chance is 60/120 with standard deviation sqrt(120 / 4) = 5.5 images; 90/120 is 5.5 standard deviations above.
@@ -173,7 +174,8 @@ def test_held_out_folds_are_never_trained_on():
 
 def test_cross_validate_repeats_with_the_same_seed():
     dataset, _ = separable_dataset(seed=1)
-    runs = [cross_validate(dataset, 3, np.random.default_rng(5), how_many_training_steps=20, log=quiet)
+    runs = [cross_validate(dataset, 3, np.random.default_rng(5), how_many_training_steps=20, learning_rate=0.01,
+                           train_batch_size=100, class_balancing=True, log=quiet)
             for _ in range(2)]
     assert json.dumps(runs[0]) == json.dumps(runs[1])
 

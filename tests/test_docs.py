@@ -10,7 +10,9 @@ every check catches what it is for):
 - every `mini_retrain <subcommand> --flag ...` in a shell code block or in inline code names a real subcommand of
   mini_retrain.cli.build_parser() and only flags that subcommand accepts (spelled in full: argparse would accept an
   abbreviation, a reader copying it should not have to rely on that);
-- every inline `--flag ...` is a flag of some subcommand, and every inline `retrain --flag ...` one of retrain.
+- every inline `--flag ...` is a flag of some subcommand, and every inline `retrain --flag ...` one of retrain;
+- a link to `file.py#L123` lands on the line that defines the function it names (in algorithm.md every function
+  link does), and the line counts quoted beside files stay within 10% of the truth.
 
 And the Python in the docs runs: the gradient check in algorithm.md, and shenzhen.md's scoring script on a
 `label --json` file written here, compared with metrics worked out by hand.
@@ -168,6 +170,51 @@ def check_links(prose: str, doc: Path, root: Path = ROOT) -> list[str]:
     return problems
 
 
+def check_anchors(prose: str, doc: Path, require: bool = False) -> list[str]:
+    """A link [`mini_retrain.x.f`](../mini_retrain/x.py#L12) lands on the line that defines f (`def f`, `class f`,
+    `f = ...`). require=True: every link to a function, class or constant must carry such an anchor."""
+    problems = []
+    for text, target in LINK.findall(prose):
+        name, (path_part, _, anchor) = text.strip().strip("`"), target.partition("#")
+        if not DOTTED_NAME.match(name) or not path_part.endswith(".py"):
+            continue
+        try:
+            obj, _ = resolve(name)
+        except (ImportError, AttributeError):
+            continue  # check_dotted_names reports it
+        if not anchor:
+            if require and not isinstance(obj, ModuleType):
+                problems.append(f"link [{text}]({target}) should land on the line of {name.split('.')[-1]} (#L<n>)")
+            continue
+        lines = (doc.parent / path_part).resolve().read_text(encoding="utf-8").splitlines()
+        number = int(anchor[1:]) if re.fullmatch(r"L\d+", anchor) else 0
+        definition = re.compile(rf"^\s*((async )?def|class) {re.escape(name.split('.')[-1])}\b|"
+                                rf"^{re.escape(name.split('.')[-1])}\s*[:=]")
+        if not 1 <= number <= len(lines) or not definition.match(lines[number - 1]):
+            found = [n for n, line in enumerate(lines, 1) if definition.match(line)]
+            problems.append(f"link [{text}]({target}): line {anchor} of {path_part} does not define "
+                            f"{name.split('.')[-1]}" + (f" (line {found[0]} does)" if found else ""))
+    return problems
+
+
+def check_line_counts(prose: str, doc: Path, tolerance: float = 0.1) -> list[str]:
+    """Line counts quoted beside a file: "[`x.py`](../mini_retrain/x.py) (142)" or "`x.py` (~140 lines" (a file of
+    mini_retrain/core/) stay within `tolerance` of the file's real length."""
+    quoted = [(doc.parent / path, int(count)) for path, count in
+              re.findall(r"\]\(([^)#\s]+\.py)\)\s*\((\d+)\)", prose)]
+    quoted += [(ROOT / "mini_retrain" / "core" / name, int(count))
+               for name, count in re.findall(r"`(\w+\.py)` \(~(\d+) lines", prose)]
+    problems = []
+    for path, count in quoted:
+        if not path.is_file():
+            problems.append(f"{path.name} ({count} lines) does not exist")
+            continue
+        real = len(path.read_text(encoding="utf-8").splitlines())
+        if abs(count - real) > tolerance * real:
+            problems.append(f"{path.resolve().relative_to(ROOT)} is said to have {count} lines but has {real}")
+    return problems
+
+
 def subcommand_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     """{subcommand name: its parser}, read from the parser's subparsers action."""
     for action in parser._actions:
@@ -318,6 +365,58 @@ def test_the_algorithm_page_links_its_code():
     for section in sections:
         links = [text for text, _ in LINK.findall(section) if DOTTED_NAME.match(text.strip("`"))]
         assert links, f"section '{section.splitlines()[0]}' links no mini_retrain function"
+
+
+@pytest.mark.parametrize("doc", _documents())
+def test_anchored_links_land_on_the_definition(doc):
+    prose, _ = split_markdown(doc.read_text(encoding="utf-8"))
+    assert check_anchors(prose, doc, require=doc.name == "algorithm.md" and doc.parent == DOCS) == []
+
+
+@pytest.mark.parametrize("doc", _documents())
+def test_quoted_line_counts_are_near_the_truth(doc):
+    prose, _ = split_markdown(doc.read_text(encoding="utf-8"))
+    assert check_line_counts(prose, doc) == []
+
+
+def test_the_reading_order_is_given_where_a_learner_starts():
+    """README's second paragraph and algorithm.md's first section name every core file, in reading order, with its
+    length; the box also lists every other module of the package."""
+    core = {path.name for path in (ROOT / "mini_retrain" / "core").glob("*.py") if path.name != "__init__.py"}
+    readme = split_markdown((ROOT / "README.md").read_text(encoding="utf-8"))[0].split("\n\n")
+    second = readme[2]  # title, the one-line summary, then this
+    named = re.findall(r"`(\w+\.py)` \(~\d+ lines", second)
+    assert set(named) == core and named[:4] == ["split.py", "sampling.py", "softmax_layer.py", "train.py"]
+    total = int(re.search(r"about (\d+) lines", second)[1])
+    real = sum(len((ROOT / "mini_retrain" / "core" / name).read_text().splitlines()) for name in core)
+    assert abs(total - real) <= 0.1 * real, (total, real)
+    prose = split_markdown((DOCS / "algorithm.md").read_text(encoding="utf-8"))[0]
+    box = re.split(r"^## ", prose, flags=re.MULTILINE)[1]
+    assert box.startswith("Read in this order")
+    listed = re.findall(r"\]\(\.\./(mini_retrain/[\w/]+\.py)\)\s*\(\d+\)", box)
+    assert listed[:5] == [f"mini_retrain/core/{name}" for name in named]
+    modules = {path.relative_to(ROOT).as_posix() for path in (ROOT / "mini_retrain").rglob("*.py")
+               if path.name not in ("__init__.py", "__main__.py") and path.parent.name != "demo_data"}
+    assert set(listed) == modules
+
+
+def test_the_anchor_and_count_checks_catch_mistakes():
+    doc = DOCS / "imaginary.md"
+    right = [line for line in (ROOT / "mini_retrain/core/softmax_layer.py").read_text().splitlines()]
+    line = next(n for n, text in enumerate(right, 1) if text.startswith("def gradients("))
+    good = f"[`mini_retrain.core.softmax_layer.gradients`](../mini_retrain/core/softmax_layer.py#L{line})"
+    assert check_anchors(good, doc, require=True) == []
+    assert check_anchors(good.replace(f"#L{line}", f"#L{line + 1}"), doc) == [
+        f"link [`mini_retrain.core.softmax_layer.gradients`](../mini_retrain/core/softmax_layer.py#L{line + 1}): "
+        f"line L{line + 1} of ../mini_retrain/core/softmax_layer.py does not define gradients (line {line} does)"]
+    assert len(check_anchors(good.replace(f"#L{line}", ""), doc, require=True)) == 1
+    assert check_anchors(good.replace(f"#L{line}", ""), doc) == []  # only algorithm.md requires anchors
+    assert check_anchors("[`mini_retrain.core.split`](../mini_retrain/core/split.py)", doc, require=True) == []
+    real = len(right)
+    assert check_line_counts(f"[`softmax_layer.py`](../mini_retrain/core/softmax_layer.py) ({real})", doc) == []
+    assert check_line_counts(f"`softmax_layer.py` (~{round(real * 1.05)} lines", doc) == []
+    assert check_line_counts(f"`softmax_layer.py` (~{round(real * 1.2)} lines", doc) == [
+        f"mini_retrain/core/softmax_layer.py is said to have {round(real * 1.2)} lines but has {real}"]
 
 
 def test_every_shell_block_of_the_walkthrough_uses_mini_retrain_commands(cli):

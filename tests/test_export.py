@@ -9,11 +9,12 @@ from mini_retrain.pipeline.export import build_retrained_model, write_labels, wr
 from mini_retrain.pipeline.retrained_graph import load_retrained
 from mini_retrain.evaluation.ood import fit_ood_model, mahalanobis_distance
 from mini_retrain.core.softmax_layer import compute_logits, softmax
+from tests.conftest import quiet
 
 
 @pytest.fixture
 def exported(tiny_backbone, tmp_path):
-    backbone = load_backbone(tiny_backbone, device="cpu", verbose=False)
+    backbone = load_backbone(tiny_backbone, device="cpu", log=quiet)
     rng = np.random.default_rng(3)
     images = rng.uniform(-1, 1, size=(12, 3, 299, 299)).astype(np.float32)
     bottlenecks = run_backbone(backbone, images)  # (12, 4)
@@ -43,7 +44,7 @@ def test_labels_and_threshold_travel_in_the_metadata(exported, tmp_path):
 
 
 def test_final_tensor_name_must_not_clash(tiny_backbone):
-    backbone = load_backbone(tiny_backbone, device="cpu", verbose=False)
+    backbone = load_backbone(tiny_backbone, device="cpu", log=quiet)
     with pytest.raises(ValueError, match="already a name"):
         build_retrained_model(backbone, np.zeros((4, 2)), np.zeros(2), ["a", "b"], final_tensor_name="pool_3")
 

@@ -97,3 +97,21 @@ def test_the_checks_catch_a_circle_and_an_upward_import(tmp_path):
     imported = _imports(scratch)
     assert "mini_retrain.commands.retrain" in imported
     assert _rank("mini_retrain.commands.retrain") > _rank("mini_retrain.core.train")
+
+
+# Where print() may be called: the command line, the default stderr log, and the progress line that a terminal
+# redraws in place (not a log line). Everything else speaks through a `log` callable its caller chooses.
+PRINT_ALLOWED = {"mini_retrain.cli", "mini_retrain.errors", "mini_retrain.pipeline.bottlenecks"}
+
+
+def _print_calls(path: Path) -> list[int]:
+    return [node.lineno for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"]
+
+
+def test_library_output_goes_through_log(tmp_path):
+    calls = {name: _print_calls(path) for name, path in _modules().items() if name not in PRINT_ALLOWED}
+    assert {name: lines for name, lines in calls.items() if lines} == {}
+    scratch = tmp_path / "m.py"  # the check sees a call, and not a default argument `log=print`
+    scratch.write_text("def f(log=print):\n    print('x')\n")
+    assert _print_calls(scratch) == [2]

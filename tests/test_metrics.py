@@ -97,7 +97,7 @@ def test_confusion_matrix_by_hand():
 
 
 def test_confusion_matrix_rejects_out_of_range_and_mismatched():
-    with pytest.raises(ValueError, match="0..1"):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
         confusion_matrix(np.array([0, 2]), np.array([0, 1]), 2)
     with pytest.raises(ValueError, match="same length"):
         confusion_matrix(np.array([0, 1]), np.array([0]), 2)

@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -259,3 +260,63 @@ def test_fast_decode_is_cached_apart_stored_in_the_graph_and_followed_by_label(t
     labelled = {p["label"]: p["score"] for p in json.loads(capsys.readouterr().out)[0]["predictions"]}
     labels = (tmp_path / "fast.txt").read_text().split()
     np.testing.assert_allclose([labelled[label] for label in labels], scores[True], rtol=0, atol=1e-6)
+
+
+def test_settings_take_str_and_pathlike_and_refuse_bad_values_at_once(tmp_path):
+    """RetrainSettings(output_graph="x.onnx") with a str once failed with AttributeError after training; now paths
+    become pathlib.Path when the settings are made, and a bad value fails there, before any image is read."""
+    import os
+
+    from mini_retrain.settings import RetrainSettings
+
+    class Folder(os.PathLike):  # any os.PathLike, not only pathlib.Path
+        def __fspath__(self):
+            return str(tmp_path / "lungs")
+
+    settings = RetrainSettings(image_dir=Folder(), output_graph="x.onnx", report=str(tmp_path / "report"))
+    assert settings.image_dir == tmp_path / "lungs" and settings.output_graph == Path("x.onnx")
+    assert settings.report == tmp_path / "report" and settings.output_weights is None
+    for change, message in [({"output_graph": "x.pb"}, "x.pb: output_graph must end in .onnx"),
+                            ({"learning_rate": -1.0}, "learning_rate must be a finite number > 0, got -1.0"),
+                            ({"how_many_training_steps": 0}, "how_many_training_steps must be a whole number >= 1"),
+                            ({"testing_percentage": 60, "validation_percentage": 50}, "must be < 100"),
+                            ({"train_batch_size": 0}, "train_batch_size must be a positive whole number"),
+                            ({"random_brightness": 100}, "random_brightness must be below 100"),
+                            ({"device": "tpu"}, "device 'tpu' is not one of auto, cpu, cuda"),
+                            ({"on_bad_image": "ignore"}, "on_bad_image must be 'skip' or 'error'"),
+                            ({"random_seed": -1}, "random_seed must be a whole number >= 0"),
+                            ({"flip_left_right": "yes"}, "flip_left_right must be True or False"),
+                            ({"image_dir": 5}, "image_dir must be a path")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            RetrainSettings(**{"image_dir": "lungs", **change})
+
+
+def test_errors_name_parameters_and_the_command_line_names_flags(tmp_path, capsys, monkeypatch):
+    """Library errors say `learning_rate`; `mini_retrain retrain` says `--learning_rate`, before any work."""
+    from mini_retrain.cli import with_flags
+
+    flags = {"image_dir": "--image_dir", "folds": "--folds", "output": "--output"}
+    assert with_flags("lungs: image_dir does not exist", flags) == "lungs: --image_dir does not exist"
+    assert with_flags("folds 9 is more than 3; use folds=3 or fewer", flags) == \
+        "--folds 9 is more than 3; use --folds 3 or fewer"
+    assert with_flags("learning_rate must be > 0; output of image_dir", flags) == \
+        "learning_rate must be > 0; output of image_dir"  # not a flag here; and only the leading name is mapped
+    assert main(["retrain", "--image_dir", str(tmp_path / "nowhere"), "--learning_rate", "-1"]) == 2
+    assert capsys.readouterr().err == "mini_retrain: error: --learning_rate must be a finite number > 0, got -1.0\n"
+    assert main(["retrain", "--image_dir", str(tmp_path / "nowhere")]) == 2
+    assert capsys.readouterr().err == (f"mini_retrain: error: {tmp_path / 'nowhere'}: --image_dir does not exist; "
+                                       "pass a folder with one subfolder per class\n")
+    # A bad image names the file, not a parameter: "image is only 4x4 pixels" stays as it is under explain --image.
+    from PIL import Image
+
+    Image.new("L", (4, 4)).save(tmp_path / "icon.png")
+    (tmp_path / "graph.onnx").write_bytes(b"")
+    import mini_retrain.evaluation.cam as cam
+
+    def refuse(*args, **kwargs):
+        from mini_retrain.pipeline.images import read_image
+        read_image(tmp_path / "icon.png")
+
+    monkeypatch.setattr(cam, "explain_images", refuse)
+    assert main(["explain", "--graph", str(tmp_path / "graph.onnx"), "--image", str(tmp_path / "icon.png")]) == 2
+    assert capsys.readouterr().err.startswith(f"mini_retrain: error: {tmp_path / 'icon.png'}: image is only 4x4 pixels")

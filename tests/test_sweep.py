@@ -42,16 +42,17 @@ def test_uniform_batch_follows_the_class_frequencies_and_sample_batch_does_not()
 def test_uniform_batch_all_and_bad_sizes():
     np.testing.assert_array_equal(uniform_batch(np.array([1, 0, 1]), -1, np.random.default_rng(0)), [0, 1, 2])
     for size in (0, 2.5):
-        with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        with pytest.raises(ValueError, match="batch_size must be a positive whole number"):
             uniform_batch(np.array([0, 1]), size, np.random.default_rng(0))
 
 
 def test_train_layer_with_retrains_sampler_is_train_final_layer():
     rng = np.random.default_rng(1)
     x, y = rng.standard_normal((50, 16)).astype(np.float32), rng.integers(0, 3, 50)
-    ours = train_layer(x, y, 3, np.random.default_rng(4), 120, 0.05, 10, class_balancing=True)
+    knobs = dict(how_many_training_steps=120, learning_rate=0.05, train_batch_size=10, class_balancing=True)
+    ours = train_layer(x, y, 3, np.random.default_rng(4), **knobs)
     theirs, _ = train_final_layer(x, y, np.empty((0, 16)), np.empty(0, np.int64), 3, np.random.default_rng(4),
-                                  120, 0.05, 10, log=quiet)
+                                  validation_batch_size=100, eval_step_interval=10, log=quiet, **knobs)
     np.testing.assert_array_equal(ours.weights, theirs.weights)
     np.testing.assert_array_equal(ours.biases, theirs.biases)
 
@@ -61,7 +62,8 @@ def test_with_no_signal_the_layer_learns_the_class_frequency_of_its_batches(clas
     """Bottlenecks all 0: logits = biases, and the loss is minimised where softmax(biases) equals the class
     frequencies of the batches: 10% for uniform sampling of a 90/10 set, 50% for class-balanced sampling."""
     labels = np.array([0] * 90 + [1] * 10)
-    layer = train_layer(np.zeros((100, 1)), labels, 2, np.random.default_rng(0), 3000, 0.5, 100, class_balancing)
+    layer = train_layer(np.zeros((100, 1)), labels, 2, np.random.default_rng(0), how_many_training_steps=3000,
+                        learning_rate=0.5, train_batch_size=100, class_balancing=class_balancing)
     assert softmax(layer.biases)[1] == pytest.approx(expected_p1, abs=0.04)
 
 
@@ -84,13 +86,13 @@ def test_choose_highest_accuracy_then_lowest_cross_entropy_then_first():
 def test_parse_grid_and_its_messages():
     assert parse_grid("0.001, 0.01,0.1", "500,4000", "off,on") == ([0.001, 0.01, 0.1], [500, 4000], [False, True])
     assert parse_grid("1e-3", "7", "on") == ([0.001], [7], [True])
-    bad = [(("0.01,,0.1", "5", "on"), "--learning_rates '0.01,,0.1' has an empty item"),
-           (("-1", "5", "on"), "--learning_rates: '-1' is not a positive number"),
-           (("fast", "5", "on"), "--learning_rates: 'fast' is not a positive number"),
-           (("nan", "5", "on"), "--learning_rates: 'nan' is not a positive number"),
-           (("0.1", "0", "on"), "--training_steps: '0' is not a whole number >= 1"),
-           (("0.1", "1.5", "on"), "--training_steps: '1.5' is not a whole number >= 1"),
-           (("0.1", "5", "yes"), "--class_balancing: 'yes' is neither 'on' nor 'off'")]
+    bad = [(("0.01,,0.1", "5", "on"), "learning_rates '0.01,,0.1' has an empty item"),
+           (("-1", "5", "on"), "learning_rates: '-1' is not a positive number"),
+           (("fast", "5", "on"), "learning_rates: 'fast' is not a positive number"),
+           (("nan", "5", "on"), "learning_rates: 'nan' is not a positive number"),
+           (("0.1", "0", "on"), "training_steps: '0' is not a whole number >= 1"),
+           (("0.1", "1.5", "on"), "training_steps: '1.5' is not a whole number >= 1"),
+           (("0.1", "5", "yes"), "class_balancing: 'yes' is neither 'on' nor 'off'")]
     for arguments, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):
             parse_grid(*arguments)
@@ -119,7 +121,7 @@ def split_dataset(test_labels_flipped: bool, test_noise_seed: int | None = None)
                    [f"k{i}" for i in range(n)], None)
 
 
-GRID = dict(learning_rates=[1e-7, 0.5], training_steps=[1, 200], class_balancing=[False, True])
+GRID = dict(learning_rates=[1e-7, 0.5], training_steps=[1, 200], class_balancing=[False, True], random_seed=0)
 
 
 def test_the_test_split_never_influences_the_choice(monkeypatch):
@@ -170,8 +172,8 @@ def test_grid_search_rows_table_and_winner_follow_the_rule():
 def test_no_validation_images_is_a_clear_error():
     dataset = split_dataset(False)
     dataset = dataset._replace(splits=np.where(dataset.splits == "validation", "training", dataset.splits))
-    with pytest.raises(ValueError, match="no validation images to choose on; raise --validation_percentage"):
-        grid_search(dataset, [0.1], [5], [True], log=quiet)
+    with pytest.raises(ValueError, match="no validation images to choose on; raise validation_percentage"):
+        grid_search(dataset, [0.1], [5], [True], random_seed=0, train_batch_size=100, log=quiet)
 
 
 # ---------------------------------------------------------------- the CLI, on the real X-rays and Inception v3

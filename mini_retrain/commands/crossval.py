@@ -58,7 +58,7 @@ def assign_folds(files: list[str], class_indices: np.ndarray, folds: int, rng: n
     if class_indices.ndim != 1 or len(files) != class_indices.size:
         raise ValueError(f"files ({len(files)}) and class_indices {class_indices.shape} must give one class per file")
     if isinstance(folds, bool) or int(folds) != folds or folds < 2:
-        raise ValueError(f"--folds must be an integer >= 2 (each fold is held out once), got {folds!r}")
+        raise ValueError(f"folds must be an integer >= 2 (each fold is held out once), got {folds!r}")
     folds = int(folds)
     name_of = (lambda c: repr(class_names[c])) if class_names is not None else (lambda c: str(c))
 
@@ -76,8 +76,8 @@ def assign_folds(files: list[str], class_indices: np.ndarray, folds: int, rng: n
     for c in np.unique(class_indices):
         group_count = int(np.sum(group_class == c))
         if group_count < folds:
-            raise ValueError(f"--folds {folds} is more than class {name_of(c)} has independent images "
-                             f"({group_count} _nohash_ groups); use --folds {group_count} or fewer")
+            raise ValueError(f"folds {folds} is more than class {name_of(c)} has independent images "
+                             f"({group_count} _nohash_ groups); use folds={group_count} or fewer")
 
     fold_of_group = np.empty(keys.size, dtype=np.int64)  # (g,)
     fold_total = np.zeros(folds, dtype=np.int64)  # (K,) images of any class per fold
@@ -106,15 +106,15 @@ def check_output_json(output_json: Path) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise ValueError(f"{output_json}: cannot create its folder ({error.strerror}); choose another --output_json")
+        raise ValueError(f"{output_json}: cannot create its folder ({error.strerror}); choose another output_json")
     if output_json.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(f"{output_json}: cannot write there (a folder, or read-only); choose another --output_json")
+        raise ValueError(f"{output_json}: cannot write there (a folder, or read-only); choose another output_json")
     return output_json
 
 
-def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, how_many_training_steps: int = 4000,
-                   learning_rate: float = 0.01, train_batch_size: int = 100, positive_label: str | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, *, how_many_training_steps: int,
+                   learning_rate: float, train_batch_size: int, class_balancing: bool,
+                   positive_label: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Stratified, group-aware K-fold cross-validation of the final layer on every image of `dataset`.
 
     Returns a JSON-serialisable dict: per_fold (fold, n_train, n_test, accuracy record), pooled (metrics.evaluate
@@ -131,7 +131,8 @@ def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, how_m
     for k in range(folds):
         held_out = fold_of == k  # (n,) bool
         layer = train_layer(dataset.bottlenecks[~held_out], y[~held_out], len(labels), rng,
-                            how_many_training_steps, learning_rate, train_batch_size)
+                            how_many_training_steps=how_many_training_steps, learning_rate=learning_rate,
+                            train_batch_size=train_batch_size, class_balancing=class_balancing)
         probabilities[held_out] = softmax(compute_logits(dataset.bottlenecks[held_out], layer.weights, layer.biases))
         correct = int(np.sum(probabilities[held_out].argmax(axis=1) == y[held_out]))
         accuracy = _rate(correct, int(held_out.sum()))
@@ -173,8 +174,9 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
     # 0% validation, 0% testing: every image is "training", i.e. every image takes part.
     dataset = load_dataset(dataclasses.replace(settings, validation_percentage=0.0, testing_percentage=0.0), log)
     result = cross_validate(dataset, folds, np.random.default_rng(settings.random_seed),
-                            settings.how_many_training_steps, settings.learning_rate, settings.train_batch_size,
-                            settings.positive_label, log)
+                            how_many_training_steps=settings.how_many_training_steps,
+                            learning_rate=settings.learning_rate, train_batch_size=settings.train_batch_size,
+                            class_balancing=settings.class_balancing, positive_label=settings.positive_label, log=log)
     result["random_seed"] = settings.random_seed
     _warn_about_identical_images(dataset, result["predictions"], log)
     write_bytes_atomically(output_json, (json.dumps(result, indent=2) + "\n").encode())

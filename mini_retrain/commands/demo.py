@@ -19,7 +19,7 @@ from mini_retrain.pipeline.retrained_graph import load_retrained
 from mini_retrain.commands.retrain import retrain
 from mini_retrain.settings import RetrainSettings
 
-DEMO_DATA = Path(__file__).resolve().parent / "demo_data"
+DEMO_DATA = Path(__file__).resolve().parents[1] / "demo_data"  # mini_retrain/demo_data
 HELD_OUT = ["pneumonia-demo/normal/NORMAL2-IM-1442-0001.jpeg", "pneumonia-demo/pneumonia/person1954_bacteria_4886.jpeg"]
 PHOTOS = ["photos/chelsea.png", "photos/coffee.png"]
 
@@ -58,7 +58,7 @@ def run_demo(output_dir: Path = Path("mini_retrain_demo"), backbone: Path | None
         validation_batch_size=-1,
     )
     retrain(settings, log=log)
-    model = load_retrained(settings.output_graph, settings.output_labels, device)
+    model = load_retrained(settings.output_graph, settings.output_labels, device, log)
     results = []
     for title, names in (("2. Label the held-out X-rays", HELD_OUT), ("3. Label two photos that are not X-rays", PHOTOS)):
         log(f"== {title} ==")

@@ -15,34 +15,40 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from mini_retrain.errors import BadImageError
-from mini_retrain.pipeline.retrained_graph import RetrainedModel, model_input
+from mini_retrain.pipeline.retrained_graph import RetrainedModel, image_name, model_input
+
+NUM_TOP_PREDICTIONS = 5  # label_image's default: the five most likely labels
 
 OOD_WARNING = ("WARNING: this image is unlike the training images (out of distribution: distance {distance:.1f} > "
                "threshold {threshold:.1f}); the scores above should not be trusted")
 
 
-def label_images(model: RetrainedModel, paths: list[Path], num_top_predictions: int = 5,
-                 log: Callable[[str], None] = print) -> list[dict]:
-    """Per image: top-k {label, score}, the OOD distance and flag; unreadable images get an "error" entry."""
-    if num_top_predictions < 1:
-        raise ValueError(f"--num_top_predictions must be at least 1, got {num_top_predictions}")
+def label_images(model: RetrainedModel, images: list[Path | Image.Image],
+                 num_top_predictions: int = NUM_TOP_PREDICTIONS, log: Callable[[str], None] = print) -> list[dict]:
+    """Per image: top-k {label, score}, the OOD distance and flag; unreadable images get an "error" entry.
+
+    images: files, or images already in memory (images.to_image), which the results call "image <index>"."""
+    if isinstance(num_top_predictions, bool) or not isinstance(num_top_predictions, int) or num_top_predictions < 1:
+        raise ValueError(f"num_top_predictions must be at least 1, got {num_top_predictions!r}")
     final = model.metadata["final_tensor_name"]
     outputs = [final] + (["ood_distance"] if "ood_threshold" in model.metadata else [])
     results = []
-    for path in paths:
+    for index, image in enumerate(images):
+        name = image_name(image, index)
         try:
-            x = model_input(model, path)[None]  # (1, 3, H, W)
+            x = model_input(model, image)[None]  # (1, 3, H, W)
         except BadImageError as error:
-            log(f"Skipping {path}: {error.reason} ({error.fix})")
-            results.append({"image": str(path), "error": error.reason, "fix": error.fix})
+            log(f"Skipping {name}: {error.reason} ({error.fix})")
+            results.append({"image": name, "error": error.reason, "fix": error.fix})
             continue
         values = model.session.run(outputs, {model.metadata["input_name"]: x})
         scores = values[0][0]  # (classes,)
         order = np.argsort(-scores, kind="stable")[:num_top_predictions]
         result: dict[str, Any] = {
-            "image": str(path),
+            "image": name,
             "predictions": [{"label": model.labels[i], "score": float(scores[i])} for i in order],
         }
         if len(values) > 1:

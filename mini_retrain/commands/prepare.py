@@ -75,11 +75,11 @@ def _holds_no_xrays(folder_name: str) -> bool:
 def _scan(folder: str | Path) -> _Scan:
     folder = Path(folder)
     if not folder.exists():
-        raise ValueError(f"{folder}: --nlm folder does not exist; pass the unzipped NLM folder, "
+        raise ValueError(f"{folder}: nlm folder does not exist; pass the unzipped NLM folder, "
                          "e.g. ChinaSet_AllFiles/ or MontgomerySet/")
     if not folder.is_dir():
         hint = "unzip it first and pass the folder" if folder.suffix.lower() == ".zip" else "pass the folder it is in"
-        raise ValueError(f"{folder}: --nlm must be a folder, this is a file; {hint}")
+        raise ValueError(f"{folder}: nlm must be a folder, this is a file; {hint}")
     mask_part = next((p for p in folder.resolve().parts if p.lower() in MASK_FOLDERS), None)
     if mask_part is not None:
         raise ValueError(f"{folder}: this is inside the lung-mask folder {mask_part}/, not X-rays; "
@@ -152,8 +152,8 @@ def _choose_holdout(images: list[NlmImage], holdout: int, random_seed: int) -> s
     for label in CLASSES:
         names = sorted((image.path.name for image in images if image.label == label), key=str.casefold)
         if holdout >= len(names):
-            raise ValueError(f"--holdout {holdout}: only {len(names)} {label} images were found and at least one "
-                             "must stay for training; use a smaller --holdout")
+            raise ValueError(f"holdout {holdout}: only {len(names)} {label} images were found and at least one "
+                             "must stay for training; use a smaller holdout")
         picks = rng.choice(len(names), size=holdout, replace=False)  # (holdout,) distinct indices
         chosen.update(names[k] for k in picks)
     return chosen
@@ -162,22 +162,22 @@ def _choose_holdout(images: list[NlmImage], holdout: int, random_seed: int) -> s
 def _check_folders(nlm_dirs: list[Path], output: Path, holdout_dir: Path | None) -> None:
     """The output must neither be in a source (a second run would find it as more X-rays) nor hold one."""
     if output.exists() and not output.is_dir():
-        raise ValueError(f"{output}: --output is a file; pass a folder name (it is created)")
-    written = [("--output", output)] + ([("--holdout_dir", holdout_dir)] if holdout_dir is not None else [])
+        raise ValueError(f"{output}: output is a file; pass a folder name (it is created)")
+    written = [("output", output)] + ([("holdout_dir", holdout_dir)] if holdout_dir is not None else [])
     for flag, folder in written:
         resolved = folder.resolve()
         for nlm in nlm_dirs:
             source = nlm.resolve()
             if resolved == source or source in resolved.parents:
-                raise ValueError(f"{folder}: {flag} is inside the --nlm folder {nlm}; a later run would take the "
+                raise ValueError(f"{folder}: {flag} is inside the NLM folder nlm={nlm}; a later run would take the "
                                  "output for more X-rays; choose a folder outside it")
             if resolved in source.parents:
-                raise ValueError(f"{folder}: {flag} contains the --nlm folder {nlm}; retrain would take "
+                raise ValueError(f"{folder}: {flag} contains the NLM folder nlm={nlm}; retrain would take "
                                  f"{source.name}/ for a class; choose a folder beside it instead")
     if holdout_dir is not None:
         a, b = output.resolve(), holdout_dir.resolve()
         if a == b or a in b.parents or b in a.parents:
-            raise ValueError(f"{holdout_dir}: --holdout_dir overlaps --output {output}; held-out images must stay "
+            raise ValueError(f"{holdout_dir}: holdout_dir overlaps output={output}; held-out images must stay "
                              "out of the training folder; choose a folder beside it")
 
 
@@ -202,13 +202,13 @@ def _check_targets(plan: list[tuple[Path, Path]], folders: list[Path]) -> None:
             target = target_of.get(entry.name.casefold())
             if target is not None and target.parent != folder:
                 raise ValueError(
-                    f"{entry}: this run puts {entry.name} in {target.parent}; an earlier run (another --holdout or "
-                    "--random_seed?) put it here, and keeping both mixes held-out and training images; "
+                    f"{entry}: this run puts {entry.name} in {target.parent}; an earlier run (another holdout or "
+                    "random_seed?) put it here, and keeping both mixes held-out and training images; "
                     "delete the output folders and run again")
     for source, target in plan:
         if os.path.lexists(target) and not _same_file(source, target):
             raise ValueError(f"{target}: already exists and is a different file from {source}; "
-                             "remove it or choose another --output")
+                             "remove it or choose another output")
 
 
 def _copy_atomically(source: Path, target: Path) -> None:
@@ -278,12 +278,12 @@ def prepare(nlm_dirs: Iterable[str | Path] | str | Path, output: str | Path, hol
         nlm_dirs = [nlm_dirs]
     nlm_dirs = [Path(folder) for folder in nlm_dirs]
     if not nlm_dirs:
-        raise ValueError("no --nlm folder given; pass the unzipped ChinaSet_AllFiles/ and/or MontgomerySet/")
+        raise ValueError("nlm: no folder given; pass the unzipped ChinaSet_AllFiles/ and/or MontgomerySet/")
     if isinstance(holdout, bool) or not isinstance(holdout, (int, np.integer)) or holdout < 0:
-        raise ValueError(f"--holdout {holdout!r}: must be a whole number of images per class, 0 or more")
+        raise ValueError(f"holdout {holdout!r}: must be a whole number of images per class, 0 or more")
     output = Path(output)
     if holdout == 0 and holdout_dir is not None:
-        raise ValueError(f"--holdout_dir {holdout_dir}: given without --holdout N; say how many images per class "
+        raise ValueError(f"holdout_dir {holdout_dir}: given without holdout=N; say how many images per class "
                          "to hold out")
     absolute = Path(os.path.abspath(output))  # "lungs" -> "lungs_holdout"; "." -> "<cwd name>_holdout"
     default_holdout_dir = output.with_name(output.name + "_holdout") if output.name else \

@@ -58,7 +58,7 @@ def _validation_row(layer: FinalLayer, bottlenecks: np.ndarray, labels: np.ndarr
 
 
 def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: list[int],
-                class_balancing: list[bool], random_seed: int = 0, train_batch_size: int = 100,
+                class_balancing: list[bool], *, random_seed: int, train_batch_size: int,
                 positive_label: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Train every setting of the grid on the training split, choose on validation, test the winner once.
 
@@ -69,15 +69,15 @@ def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: l
     train_x, train_y, _ = dataset.split("training")
     validation_x, validation_y, _ = dataset.split("validation")
     if not len(validation_y):
-        raise ValueError(f"{dataset.image_dir}: no validation images to choose on; raise --validation_percentage")
+        raise ValueError(f"{dataset.image_dir}: no validation images to choose on; raise validation_percentage")
 
     rows, layers = [], []
     for learning_rate, steps, balanced in itertools.product(learning_rates, training_steps, class_balancing):
         # A fresh generator with the same seed for every setting: the same initial weights and, for the same
         # sampler, the same batches, so the settings differ only in what the grid changes.
         rng = np.random.default_rng(random_seed)
-        layer = train_layer(train_x, train_y, len(dataset.labels), rng, steps, learning_rate, train_batch_size,
-                            balanced)
+        layer = train_layer(train_x, train_y, len(dataset.labels), rng, how_many_training_steps=steps,
+                            learning_rate=learning_rate, train_batch_size=train_batch_size, class_balancing=balanced)
         accuracy, validation_cross_entropy = _validation_row(layer, validation_x, validation_y)
         rows.append({"learning_rate": learning_rate, "training_steps": steps,
                      "class_balancing": "on" if balanced else "off", "validation_accuracy": accuracy,
@@ -121,10 +121,10 @@ def _table(rows: list[dict], best: int) -> list[str]:
     return lines
 
 
-def _items(text: str, flag: str, example: str) -> list[str]:
+def _items(text: str, name: str, example: str) -> list[str]:
     items = [item.strip() for item in str(text).split(",")]
     if any(item == "" for item in items):
-        raise ValueError(f"{flag} {text!r} has an empty item; give values separated by commas, e.g. {example}")
+        raise ValueError(f"{name} {text!r} has an empty item; give values separated by commas, e.g. {example}")
     return items
 
 
@@ -132,24 +132,24 @@ def parse_grid(learning_rates: str, training_steps: str, class_balancing: str) -
                                                                                          list[bool]]:
     """The three comma-separated grid flags as lists: "0.001,0.01" -> [0.001, 0.01]; "off,on" -> [False, True]."""
     rates = []
-    for item in _items(learning_rates, "--learning_rates", "0.001,0.01,0.1"):
+    for item in _items(learning_rates, "learning_rates", "0.001,0.01,0.1"):
         try:
             rate = float(item)
         except ValueError:
             rate = math.nan
         if not (math.isfinite(rate) and rate > 0):
-            raise ValueError(f"--learning_rates: {item!r} is not a positive number; "
-                             "e.g. --learning_rates 0.001,0.01,0.1")
+            raise ValueError(f"learning_rates: {item!r} is not a positive number; "
+                             "e.g. learning_rates=0.001,0.01,0.1")
         rates.append(rate)
     steps = []
-    for item in _items(training_steps, "--training_steps", "500,4000"):
+    for item in _items(training_steps, "training_steps", "500,4000"):
         if not (item.isdigit() and int(item) >= 1):
-            raise ValueError(f"--training_steps: {item!r} is not a whole number >= 1; e.g. --training_steps 500,4000")
+            raise ValueError(f"training_steps: {item!r} is not a whole number >= 1; e.g. training_steps=500,4000")
         steps.append(int(item))
     balancing = []
-    for item in _items(class_balancing, "--class_balancing", "off,on"):
+    for item in _items(class_balancing, "class_balancing", "off,on"):
         if item not in ("on", "off"):
-            raise ValueError(f"--class_balancing: {item!r} is neither 'on' nor 'off'; e.g. --class_balancing off,on")
+            raise ValueError(f"class_balancing: {item!r} is neither 'on' nor 'off'; e.g. class_balancing=off,on")
         balancing.append(item == "on")
     return rates, steps, balancing
 
@@ -164,8 +164,8 @@ def sweep(settings: RetrainSettings, learning_rates: list[float], training_steps
     """
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
     dataset = load_dataset(settings, log)
-    result = grid_search(dataset, learning_rates, training_steps, class_balancing, settings.random_seed,
-                         settings.train_batch_size, settings.positive_label, log)
+    result = grid_search(dataset, learning_rates, training_steps, class_balancing, random_seed=settings.random_seed,
+                         train_batch_size=settings.train_batch_size, positive_label=settings.positive_label, log=log)
     chosen = result["chosen"]
     log(f"To retrain with these settings: mini_retrain retrain --image_dir DIR --learning_rate {chosen['learning_rate']:g} "
         f"--how_many_training_steps {chosen['training_steps']} --class_balancing {chosen['class_balancing']} "

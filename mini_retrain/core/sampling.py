@@ -19,7 +19,8 @@ Here the same distribution is drawn without a Python loop over samples:
     index   = order[start_c + floor(u2 * count_c)]     (u2 ~ U[0, 1): an image of c, uniformly)
 
 The grouping (a sort) depends only on the labels, so the training loop does it once (group_by_class) and then
-draws 4000 batches from the groups (sample_from_groups); sample_batch does both for one batch.
+draws 4000 batches from the groups (sample_from_groups); sample_batch does both for one batch. group_by_class and
+sample_from_groups check nothing (their caller checks once, see checks.py); sample_batch and uniform_batch check.
 
 "Class balancing off" (uniform_batch, offered by `--class_balancing off`): every image equally likely,
 P(i) = 1 / n, so batches have the class frequencies of the data.
@@ -29,6 +30,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from mini_retrain.core.checks import check_batch_size, check_labels
+
 
 class ClassGroups(NamedTuple):
     """The candidates grouped by class: order[start[k] : start[k] + count[k]] are those of the k-th present class."""
@@ -37,23 +40,8 @@ class ClassGroups(NamedTuple):
     count: np.ndarray  # (n_classes,) how many candidates each class has, >= 1
 
 
-def _check_labels(labels: np.ndarray) -> np.ndarray:
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.size == 0:
-        raise ValueError(f"labels must be a non-empty 1-D array of class indices, got shape {labels.shape}.")
-    if labels.dtype.kind not in "iu":
-        raise ValueError(f"labels must hold integer class indices, got dtype {labels.dtype}.")
-    return labels
-
-
-def _check_batch_size(batch_size: int) -> None:
-    if batch_size == 0 or int(batch_size) != batch_size:
-        raise ValueError(f"batch_size must be a positive integer, or negative for 'all', got {batch_size!r}.")
-
-
 def group_by_class(labels: np.ndarray) -> ClassGroups:
     """Group the indices of `labels` (n,) by class, once (a stable sort: the same result on every machine)."""
-    labels = _check_labels(labels)
     order = np.argsort(labels, kind="stable")                   # (n,)
     sorted_labels = labels[order]                               # (n,)
     is_boundary = np.ones(labels.size + 1, dtype=bool)          # (n + 1,) True where a class begins, and at n
@@ -69,7 +57,6 @@ def sample_from_groups(groups: ClassGroups, batch_size: int, rng: np.random.Gene
     class_balancing=True: a present class uniformly, then an image of it uniformly (retrain.py).
     class_balancing=False: an image uniformly, P(i) = 1 / n.
     """
-    _check_batch_size(batch_size)
     order, start, count = groups
     if batch_size < 0:
         return np.arange(order.size)
@@ -90,7 +77,8 @@ def sample_batch(labels: np.ndarray, batch_size: int, rng: np.random.Generator) 
     classes present in `labels` are drawn. batch_size < 0 means "all": returns np.arange(n).
     Returns (batch_size,) int indices, drawn with replacement.
     """
-    return sample_from_groups(group_by_class(labels), batch_size, rng)
+    check_batch_size(batch_size)
+    return sample_from_groups(group_by_class(check_labels(labels, allow_empty=False)), batch_size, rng)
 
 
 def uniform_batch(labels: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:
@@ -99,4 +87,6 @@ def uniform_batch(labels: np.ndarray, batch_size: int, rng: np.random.Generator)
     P(image i) = 1 / n, so P(class c) = n_c / n: the batch has the class frequencies of the data.
     batch_size < 0 means "all": np.arange(n), as sample_batch.
     """
-    return sample_from_groups(group_by_class(labels), batch_size, rng, class_balancing=False)
+    check_batch_size(batch_size)
+    return sample_from_groups(group_by_class(check_labels(labels, allow_empty=False)), batch_size, rng,
+                              class_balancing=False)

@@ -35,6 +35,8 @@ split), our rule:
 import hashlib
 import re
 
+from mini_retrain.core.checks import check_split_percentages
+
 SPLITS = ("training", "validation", "testing")
 
 # retrain.py's constant: the hash is reduced modulo MAX + 1 and rescaled to [0, 100].
@@ -68,18 +70,6 @@ def percentage_hash(relative_path: str) -> float:
     return bucket * (100.0 / MAX_NUM_IMAGES_PER_CLASS)
 
 
-def _check_percentages(validation_percentage: float, testing_percentage: float) -> None:
-    for name, value in (("validation_percentage", validation_percentage),
-                        ("testing_percentage", testing_percentage)):
-        if not value >= 0:  # also rejects NaN
-            raise ValueError(f"{name} must be >= 0, got {value!r}.")
-    if not validation_percentage + testing_percentage < 100:
-        raise ValueError(
-            f"validation_percentage + testing_percentage must be < 100 so some images are left for "
-            f"training, got {validation_percentage!r} + {testing_percentage!r}."
-        )
-
-
 def _split_of(percentage: float, validation_percentage: float, testing_percentage: float) -> str:
     if percentage < validation_percentage:
         return "validation"
@@ -90,7 +80,7 @@ def _split_of(percentage: float, validation_percentage: float, testing_percentag
 
 def which_split(relative_path: str, validation_percentage: float, testing_percentage: float) -> str:
     """"training", "validation" or "testing" for one image, by retrain.py's rule (see module docstring)."""
-    _check_percentages(validation_percentage, testing_percentage)
+    check_split_percentages(validation_percentage, testing_percentage)
     return _split_of(percentage_hash(relative_path), validation_percentage, testing_percentage)
 
 
@@ -103,7 +93,7 @@ def split_image_lists(
     Returns label -> {"training": [...], "validation": [...], "testing": [...]} (each list sorted)
     and a list of human-readable warnings (see the module docstring for when they appear).
     """
-    _check_percentages(validation_percentage, testing_percentage)
+    check_split_percentages(validation_percentage, testing_percentage)
     splits: dict[str, dict[str, list[str]]] = {}
     warnings: list[str] = []
     missing: dict[str, list[str]] = {"validation": [], "testing": []}  # a warning per class without that split

@@ -2,7 +2,7 @@
 
     for step in 0 .. how_many_training_steps - 1:
         batch  = sample_batch(training labels)                     # class first, then an image, with replacement
-        dW, db = gradients of the mean cross-entropy on the batch   # softmax_layer.unchecked_gradients
+        dW, db = gradients of the mean cross-entropy on the batch   # softmax_layer.gradients
         W, b  -= learning_rate * (dW, db)                          # plain gradient descent
         every eval_step_interval steps, and at the last one:
             "Step N: Train accuracy = X%"       on the batch just trained on (after the step, as retrain.py)
@@ -21,9 +21,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from mini_retrain.core.checks import check_batch_size, check_bottlenecks, check_labels, check_positive
 from mini_retrain.core.sampling import group_by_class, sample_from_groups
 from mini_retrain.core.softmax_layer import (
-    compute_logits, cross_entropy, gradient_descent_step, init_final_layer, one_hot, unchecked_gradients)
+    compute_logits, cross_entropy, gradient_descent_step, gradients, init_final_layer, one_hot)
 
 
 class FinalLayer(NamedTuple):
@@ -44,43 +45,46 @@ def train_final_layer(
     validation_labels: np.ndarray,
     class_count: int,
     rng: np.random.Generator,
-    how_many_training_steps: int = 4000,
-    learning_rate: float = 0.01,
-    train_batch_size: int = 100,
-    validation_batch_size: int = 100,
-    eval_step_interval: int = 10,
+    *,
+    how_many_training_steps: int,
+    learning_rate: float,
+    train_batch_size: int,
+    validation_batch_size: int,
+    eval_step_interval: int,
+    class_balancing: bool,
     log: Callable[[str], None] = print,
     distorted_bottlenecks: Callable[[np.ndarray], np.ndarray] | None = None,
     on_step: Callable[[int, FinalLayer], None] | None = None,
-    class_balancing: bool = True,
 ) -> tuple[FinalLayer, list[dict]]:
     """Train the final layer; return it and the per-evaluation history (dicts, one per logged step).
 
     train_bottlenecks (n, D) float32 with train_labels (n,) int; validation likewise (may be empty).
-    distorted_bottlenecks(indices) -> (batch, D), when given, supplies the training batch instead of the cache.
-    on_step(step, layer) is called after every step (for intermediate graphs).
+    The settings are retrain.py's flags of the same names, with no defaults here: RetrainSettings
+    (mini_retrain/settings.py) holds them, and the caller passes them on.
     class_balancing: True draws each batch as retrain.py does (a class uniformly, then one of its images:
     sampling.sample_batch); False draws every image with the same probability (sampling.uniform_batch).
+    distorted_bottlenecks(indices) -> (batch, D), when given, supplies the training batch instead of the cache.
+    on_step(step, layer) is called after every step (for intermediate graphs).
     """
-    if how_many_training_steps < 1:
-        raise ValueError(f"--how_many_training_steps must be at least 1, got {how_many_training_steps}")
-    if learning_rate <= 0:
-        raise ValueError(f"--learning_rate must be positive, got {learning_rate}")
-    if eval_step_interval < 1:
-        raise ValueError(f"--eval_step_interval must be at least 1, got {eval_step_interval}")
+    # The checks, once, before the first step (the functions called 4000 times below check nothing).
+    check_positive(how_many_training_steps, "how_many_training_steps", integer=True)
+    check_positive(learning_rate, "learning_rate")
+    check_positive(eval_step_interval, "eval_step_interval", integer=True)
+    check_batch_size(train_batch_size, "train_batch_size")
+    check_batch_size(validation_batch_size, "validation_batch_size")
+    train_bottlenecks = check_bottlenecks(train_bottlenecks, name="train_bottlenecks")
+    size = train_bottlenecks.shape[1]
+    validation_bottlenecks = check_bottlenecks(validation_bottlenecks, name="validation_bottlenecks", size=size)
+    train_labels = check_labels(train_labels, class_count, name="train_labels", rows=len(train_bottlenecks),
+                                allow_empty=False)
+    validation_labels = check_labels(validation_labels, class_count, name="validation_labels",
+                                     rows=len(validation_bottlenecks))
     train_bottlenecks = np.ascontiguousarray(train_bottlenecks, dtype=np.float32)
     validation_bottlenecks = np.ascontiguousarray(validation_bottlenecks, dtype=np.float32)
-    layer = FinalLayer(*init_final_layer(train_bottlenecks.shape[1], class_count, rng))
+    layer = FinalLayer(*init_final_layer(size, class_count, rng))
     history: list[dict] = []
 
-    # Done once, not at every step: the class grouping of the labels, their one-hot rows, and the input
-    # checks of softmax_layer.gradients (the loop calls its unchecked core, unchecked_gradients).
-    train_labels, validation_labels = np.asarray(train_labels), np.asarray(validation_labels)
-    if train_bottlenecks.ndim != 2 or train_labels.shape != (len(train_bottlenecks),):
-        raise ValueError(f"train_bottlenecks (n, D) and train_labels (n,) must match, got shapes "
-                         f"{train_bottlenecks.shape} and {train_labels.shape}")
-    if train_labels.dtype.kind not in "iu" or train_labels.min() < 0 or train_labels.max() >= class_count:
-        raise ValueError(f"train_labels must be class indices in [0, {class_count - 1}]")
+    # Done once, not at every step: the class grouping of the labels and their one-hot rows.
     train_groups = group_by_class(train_labels)
     train_targets = one_hot(train_labels, class_count)  # (n, classes)
     validation_groups = group_by_class(validation_labels) if len(validation_labels) else None
@@ -91,7 +95,7 @@ def train_final_layer(
             x = distorted_bottlenecks(batch)  # (batch, D): the backbone on freshly distorted images
         else:
             x = train_bottlenecks[batch]  # (batch, D) gathered rows
-        d_weights, d_biases = unchecked_gradients(x, train_targets[batch], layer.weights, layer.biases)
+        d_weights, d_biases = gradients(x, train_targets[batch], layer.weights, layer.biases)
         gradient_descent_step(layer.weights, layer.biases, d_weights, d_biases, learning_rate)
         if on_step is not None:
             on_step(step, layer)
@@ -117,17 +121,18 @@ def train_final_layer(
     return layer, history
 
 
-def train_layer(bottlenecks: np.ndarray, labels: np.ndarray, class_count: int, rng: np.random.Generator,
-                how_many_training_steps: int = 4000, learning_rate: float = 0.01, train_batch_size: int = 100,
-                class_balancing: bool = True) -> FinalLayer:
+def train_layer(bottlenecks: np.ndarray, labels: np.ndarray, class_count: int, rng: np.random.Generator, *,
+                how_many_training_steps: int, learning_rate: float, train_batch_size: int,
+                class_balancing: bool) -> FinalLayer:
     """train_final_layer without its log lines and validation: one fold of crossval, one setting of sweep.
 
     bottlenecks (n, D), labels (n,). Each step: a batch (class-balanced or uniform over images, see
     sampling.py), then one gradient descent step on the batch's mean cross-entropy.
     """
-    no_validation = np.zeros((0, bottlenecks.shape[1]), np.float32), np.zeros(0, np.int64)
+    no_validation = np.zeros((0, np.shape(bottlenecks)[1]), np.float32), np.zeros(0, np.int64)
     layer, _ = train_final_layer(bottlenecks, labels, *no_validation, class_count, rng,
                                  how_many_training_steps=how_many_training_steps, learning_rate=learning_rate,
-                                 train_batch_size=train_batch_size, eval_step_interval=how_many_training_steps,
-                                 log=lambda line: None, class_balancing=class_balancing)
+                                 train_batch_size=train_batch_size, validation_batch_size=-1,
+                                 eval_step_interval=how_many_training_steps, class_balancing=class_balancing,
+                                 log=lambda line: None)
     return layer

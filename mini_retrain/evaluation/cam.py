@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from mini_retrain.pipeline.retrained_graph import RetrainedModel, load_retrained, model_input
+from mini_retrain.pipeline.retrained_graph import RetrainedModel, image_name, load_retrained, model_input
 from mini_retrain.pipeline.images import read_image
 
 
@@ -64,47 +64,53 @@ def final_weights(graph: Path) -> tuple[np.ndarray, np.ndarray]:
     return found["final_weights"], found["final_biases"]
 
 
-def explain_image(model: RetrainedModel, weights: np.ndarray, biases: np.ndarray, path: Path, output: Path,
-                  class_index: int | None = None) -> dict:
-    """Write the heat map for one image; return the class, its score, logit and the CAM's mean (= logit - bias)."""
+def explain_image(model: RetrainedModel, weights: np.ndarray, biases: np.ndarray, image: Path | Image.Image,
+                  output: Path, class_index: int | None = None, name: str | None = None) -> dict:
+    """Write the heat map for one image; return the class, its score, logit and the CAM's mean (= logit - bias).
+
+    image: a file, or an image already in memory (images.to_image), called `name` in the result."""
     spatial_name = model.metadata.get("spatial_output")
     if not spatial_name:
         raise ValueError(f"{model.path}: the backbone has no spatial output, so no activation map can be made")
-    x = model_input(model, path)[None]  # (1, 3, H, W)
+    x = model_input(model, image)[None]  # (1, 3, H, W)
     probabilities, logits, spatial = model.session.run(
         [model.metadata["final_tensor_name"], "final_logits", spatial_name], {model.metadata["input_name"]: x})
     if class_index is None:
         class_index = int(probabilities[0].argmax())
     cam = class_activation_map(spatial[0], weights, class_index)  # (8, 8)
-    image = read_image(path)
-    image.thumbnail((1024, 1024))  # a heat map does not need every pixel of a 4000x5000 X-ray
+    picture = image.copy() if isinstance(image, Image.Image) else read_image(image)
+    picture.thumbnail((1024, 1024))  # a heat map does not need every pixel of a 4000x5000 X-ray
     output.parent.mkdir(parents=True, exist_ok=True)
-    overlay(image, cam).save(output)
-    return {"image": str(path), "heat_map": str(output), "label": model.labels[class_index],
+    overlay(picture, cam).save(output)
+    return {"image": name or str(image), "heat_map": str(output), "label": model.labels[class_index],
             "score": float(probabilities[0, class_index]), "logit": float(logits[0, class_index]),
             "bias": float(biases[class_index]), "cam_mean": float(cam.mean()), "cam": cam.tolist()}
 
 
-def explain_images(graph: Path, paths: list[Path], output: Path, labels_file: Path | None = None,
+def explain_images(graph: Path, images: list[Path | Image.Image], output: Path, labels_file: Path | None = None,
                    label: str | None = None, device: str = "auto", log: Callable[[str], None] = print) -> list[dict]:
     """Heat maps for the predicted or the chosen label.
 
     One image and an output ending in .png: written to exactly that file. Otherwise output is a folder and each
-    image gets output/<image name>.cam.png. Each image's line also shows the identity mean(map) = logit - bias.
+    image gets output/<image name>.cam.png (output/image_<index>.cam.png for one given in memory). Each image's line
+    also shows the identity mean(map) = logit - bias.
     """
-    model = load_retrained(graph, labels_file, device)
+    model = load_retrained(graph, labels_file, device, log)
     weights, biases = final_weights(Path(graph))
     class_index = None
     if label is not None:
         if label not in model.labels:
-            raise ValueError(f"--label {label!r} is not one of the graph's labels {model.labels}")
+            raise ValueError(f"label {label!r} is not one of the graph's labels {model.labels}")
         class_index = model.labels.index(label)
-    one_file = len(paths) == 1 and Path(output).suffix.lower() == ".png"
+    one_file = len(images) == 1 and Path(output).suffix.lower() == ".png"
     results = []
-    for path in paths:
-        target = Path(output) if one_file else Path(output) / f"{Path(path).stem}.cam.png"
-        result = explain_image(model, weights, biases, Path(path), target, class_index)
-        log(f"{path}: {result['label']} (score = {result['score']:.5f}); heat map {target}")
+    for index, image in enumerate(images):
+        name = image_name(image, index)
+        stem = f"image_{index}" if isinstance(image, Image.Image) else Path(image).stem
+        target = Path(output) if one_file else Path(output) / f"{stem}.cam.png"
+        image = image if isinstance(image, Image.Image) else Path(image)
+        result = explain_image(model, weights, biases, image, target, class_index, name)
+        log(f"{name}: {result['label']} (score = {result['score']:.5f}); heat map {target}")
         log(f"mean of the map = {result['cam_mean']:.5f} = logit - bias = {result['logit'] - result['bias']:.5f}")
         results.append(result)
     return results

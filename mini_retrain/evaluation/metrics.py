@@ -21,6 +21,8 @@ import math
 import numpy as np
 from scipy.stats import norm, rankdata
 
+from mini_retrain.core.checks import check_labels
+
 # Names that, in a two-class problem, mean "the condition we are looking for".
 POSITIVE_NAMES = ("abnormal", "tb", "tuberculosis", "pneumonia", "positive", "disease", "sick")
 
@@ -60,27 +62,14 @@ def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[f
     return (low, high)
 
 
-def _check_labels(name: str, values: np.ndarray, class_count: int) -> np.ndarray:
-    values = np.asarray(values)
-    if values.ndim != 1:
-        raise ValueError(f"{name} must be a 1-d array of class indices, got shape {values.shape}")
-    if values.size and (not np.issubdtype(values.dtype, np.integer)):
-        raise ValueError(f"{name} must hold integer class indices, got dtype {values.dtype}")
-    if values.size and (values.min() < 0 or values.max() >= class_count):
-        raise ValueError(
-            f"{name} must be class indices in 0..{class_count - 1}, got values {values.min()}..{values.max()}"
-        )
-    return values.astype(np.int64)
-
-
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, class_count: int) -> np.ndarray:
     """Counts[t, p] = number of images whose true class is t and predicted class is p.
 
     Rows are true classes, columns predicted classes, so the diagonal holds the correct answers,
     row sums are the class sizes, and matrix.sum() == n.
     """
-    labels = _check_labels("labels", labels, class_count)
-    predictions = _check_labels("predictions", predictions, class_count)
+    labels = check_labels(labels, class_count)
+    predictions = check_labels(predictions, class_count, name="predictions")
     if labels.shape != predictions.shape:
         raise ValueError(f"labels {labels.shape} and predictions {predictions.shape} must have the same length")
     # Each (true, predicted) pair gets a unique cell index t * classes + p; count them all at once.
@@ -196,7 +185,7 @@ def _check_probabilities(probabilities: np.ndarray, labels: np.ndarray) -> tuple
         raise ValueError("probabilities is empty: need at least one test image")
     if not np.all(np.isfinite(probabilities)) or probabilities.min() < 0.0 or probabilities.max() > 1.0:
         raise ValueError("probabilities must be finite and in [0, 1] (softmax outputs, not logits)")
-    labels = _check_labels("labels", labels, probabilities.shape[1])
+    labels = check_labels(labels, probabilities.shape[1])
     if labels.shape[0] != probabilities.shape[0]:
         raise ValueError(
             f"labels has {labels.shape[0]} entries but probabilities has {probabilities.shape[0]} rows"

@@ -67,6 +67,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.linalg import solve_triangular
 
+from mini_retrain.core.checks import check_bottlenecks, check_labels
+
 THRESHOLD_MARGIN = 1.3  # threshold = margin * held-out quantile; see the module docstring
 MAX_FOLDS = 10  # K = min(MAX_FOLDS, n) folds for the held-out distances
 MIN_SHRINKAGE = 1e-6  # keeps Sigma invertible when n < d even if Ledoit-Wolf says "no shrinkage"
@@ -105,21 +107,6 @@ class _ShrunkGaussian(NamedTuple):
 def power_normalise(bottlenecks: np.ndarray) -> np.ndarray:
     """r(x) = sign(x) sqrt(|x|), elementwise: makes skewed, non-negative pool_3 features closer to Gaussian."""
     return np.sign(bottlenecks) * np.sqrt(np.abs(bottlenecks))
-
-
-def _check_bottlenecks(name: str, bottlenecks: np.ndarray, d: int | None = None) -> np.ndarray:
-    bottlenecks = np.asarray(bottlenecks)
-    if bottlenecks.ndim != 2:
-        raise ValueError(
-            f"{name} must have shape (images, features), got {bottlenecks.shape}; "
-            "use bottleneck.reshape(1, -1) for a single image"
-        )
-    if d is not None and bottlenecks.shape[1] != d:
-        raise ValueError(f"{name} has {bottlenecks.shape[1]} features but the OOD model was fit on {d}")
-    bottlenecks = bottlenecks.astype(np.float64)
-    if not np.all(np.isfinite(bottlenecks)):
-        raise ValueError(f"{name} contains NaN or infinity; recompute the bottlenecks")
-    return bottlenecks
 
 
 def _shrunk_gaussian(features: np.ndarray, labels: np.ndarray, class_count: int) -> _ShrunkGaussian:
@@ -191,17 +178,12 @@ def fit_ood_model(
 
     threshold = THRESHOLD_MARGIN * quantile-th quantile of K-fold held-out distances.
     """
-    features = power_normalise(_check_bottlenecks("bottlenecks", bottlenecks))  # (n, d) float64, r(x)
-    labels = np.asarray(labels)
+    bottlenecks = check_bottlenecks(bottlenecks, finite=True).astype(np.float64)  # (n, d)
+    features = power_normalise(bottlenecks)  # (n, d) r(x)
     n = features.shape[0]
-    if labels.shape != (n,) or (n and not np.issubdtype(labels.dtype, np.integer)):
-        raise ValueError(
-            f"labels must be {n} integer class indices, got shape {labels.shape}, dtype {labels.dtype}"
-        )
+    labels = check_labels(labels, class_count, rows=n)
     if not 0.0 < quantile <= 1.0:
         raise ValueError(f"quantile must be in (0, 1], e.g. 0.99, got {quantile!r}")
-    if class_count < 1 or (n and (labels.min() < 0 or labels.max() >= class_count)):
-        raise ValueError(f"labels must be class indices in 0..{class_count - 1}")
     missing = np.flatnonzero(np.bincount(labels, minlength=class_count) == 0)
     if missing.size:
         raise ValueError(f"classes {missing.tolist()} have no training images; every class needs some")
@@ -209,8 +191,6 @@ def fit_ood_model(
         raise ValueError(
             f"the OOD model needs at least {class_count + 2} training images for {class_count} classes, got {n}"
         )
-    labels = labels.astype(np.int64)
-
     gaussian = _shrunk_gaussian(features, labels, class_count)
     held_out = _held_out_distances(features, labels, class_count)
     threshold = THRESHOLD_MARGIN * float(np.quantile(held_out, quantile))
@@ -231,7 +211,8 @@ def fit_ood_model(
 
 def mahalanobis_distance(model: OODModel, bottlenecks: np.ndarray) -> np.ndarray:
     """(n,) sqrt((r(x) - mu_c)^T Sigma^-1 (r(x) - mu_c)) for the nearest class mean mu_c (means of r(x))."""
-    features = power_normalise(_check_bottlenecks("bottlenecks", bottlenecks, d=model.means.shape[1]))  # (n, d)
+    bottlenecks = check_bottlenecks(bottlenecks, size=model.means.shape[1], finite=True).astype(np.float64)  # (n, d)
+    features = power_normalise(bottlenecks)  # (n, d) r(x)
     precision = model.precision.astype(np.float64)  # (d, d)
     squared = np.empty((features.shape[0], model.means.shape[0]))  # (n, classes)
     for c, mean in enumerate(model.means.astype(np.float64)):

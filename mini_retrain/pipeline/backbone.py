@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
 from mini_retrain.build.backbone_build import ensure_backbone, sidecar_path
+from mini_retrain.settings import DEVICES
 
-DEVICES = ("auto", "cpu", "cuda")
 REQUIRED_SIDECAR_KEYS = ("input_name", "input_size", "input_mean", "input_std", "bottleneck_output", "bottleneck_size")
 
 
@@ -37,7 +37,7 @@ def choose_providers(device: str, available: list[str]) -> tuple[list[str], str 
     CPU is always last in the list, so onnxruntime can place any node CUDA cannot run.
     """
     if device not in DEVICES:
-        raise ValueError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
+        raise ValueError(f"device {device!r} is not one of {', '.join(DEVICES)}")
     has_cuda = "CUDAExecutionProvider" in available
     if device == "cpu" or (device == "auto" and not has_cuda):
         return ["CPUExecutionProvider"], None
@@ -82,22 +82,24 @@ def session_options():
     return options
 
 
-def load_backbone(path: str | Path | None = None, device: str = "auto", verbose: bool = True) -> Backbone:
-    """Open the backbone ONNX in an onnxruntime session (building the default one on first use)."""
+def load_backbone(path: str | os.PathLike | None = None, device: str = "auto",
+                  log: Callable[[str], None] = print) -> Backbone:
+    """Open the backbone ONNX in an onnxruntime session (building the default one on first use).
+
+    log receives the line naming the provider used, and a WARNING when CUDA was asked for but is missing."""
     import onnxruntime
 
-    path = ensure_backbone(path)
+    path = ensure_backbone(path, log)
     sidecar = read_sidecar(path)
     providers, message = choose_providers(device, onnxruntime.get_available_providers())
-    if message and verbose:
-        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+    if message:
+        log(f"WARNING: {message}")
     try:
         session = onnxruntime.InferenceSession(str(path), sess_options=session_options(), providers=providers)
     except Exception as error:  # onnxruntime raises its own exception types for damaged files
         raise ValueError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]}); rebuild it") from None
     provider = session.get_providers()[0]
-    if verbose:
-        print(f"Backbone {path.name} on {provider}", flush=True)
+    log(f"Backbone {path.name} on {provider}")
     return Backbone(session, path, sidecar, provider)
 
 

@@ -38,6 +38,8 @@ from mini_retrain.pipeline.backbone import Backbone, backbone_input, run_backbon
 from mini_retrain.pipeline.images import BadImageError, file_sha1, read_image
 
 PREPROCESSING_VERSION = "p1"  # bump when images.py changes what pixels reach the network
+BATCH_SIZE = 32  # images per network run (benchmarks/benchmark.py measures the pipeline at this batch size)
+DECODE_WORKERS = 2  # threads that decode (and hash) the next images while the network runs
 
 
 class Bottlenecks(NamedTuple):
@@ -163,8 +165,8 @@ def get_bottlenecks(
     backbone: Backbone,
     bottleneck_dir: str | Path,
     on_bad_image: str = "skip",
-    batch_size: int = 32,
-    workers: int = 2,
+    batch_size: int = BATCH_SIZE,
+    workers: int = DECODE_WORKERS,
     log: Callable[[str], None] = print,
     fast_decode: bool = False,
 ) -> Bottlenecks:
@@ -174,7 +176,7 @@ def get_bottlenecks(
     fast_decode: JPEG draft and Image.reduce before the resize (images.read_image / resize_for_backbone, fast=True).
     """
     if on_bad_image not in ("skip", "error"):
-        raise ValueError(f"--on_bad_image must be 'skip' or 'error', not {on_bad_image!r}")
+        raise ValueError(f"on_bad_image must be 'skip' or 'error', not {on_bad_image!r}")
     folder = store_folder(bottleneck_dir, backbone, fast_decode)
     index, cached = load_store(folder, log)
     bad: list[tuple[str, str]] = []

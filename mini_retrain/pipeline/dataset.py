@@ -50,7 +50,7 @@ def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print) 
     image_lists, warnings = find_images(image_dir)
     splits, split_warnings = split_image_lists(image_lists, settings.validation_percentage,
                                                settings.testing_percentage)
-    backbone = load_backbone(settings.backbone, settings.device)
+    backbone = load_backbone(settings.backbone, settings.device, log)
     for warning in warnings + split_warnings:
         log(warning)
     labels = list(splits)  # class index order = sorted label order

@@ -22,6 +22,7 @@ different (and rare) anatomy.
 
 import numpy as np
 
+from mini_retrain.core.checks import check_distortions
 from mini_retrain.pipeline.images import INPUT_SIZE, to_backbone_input
 
 
@@ -81,7 +82,7 @@ def distort(pixels: np.ndarray, rng: np.random.Generator, flip_left_right: bool,
     Random numbers are drawn in a fixed order (scale, crop corner, flip, brightness), so the
     same seed gives the same image.
     """
-    _check_percentages(random_crop, random_scale, random_brightness)
+    check_distortions(random_crop, random_scale, random_brightness)
     if isinstance(size, bool) or not isinstance(size, int | np.integer) or size < 1:
         raise ValueError(f"size must be a positive integer, got {size!r}")
     margin_scale = 1.0 + random_crop / 100.0
@@ -96,13 +97,3 @@ def distort(pixels: np.ndarray, rng: np.random.Generator, flip_left_right: bool,
         cropped = cropped[:, ::-1]
     brightness = rng.uniform(1.0 - random_brightness / 100.0, 1.0 + random_brightness / 100.0)
     return to_backbone_input(cropped * np.float32(brightness), mean, std)  # (3, size, size)
-
-
-def _check_percentages(random_crop: float, random_scale: float, random_brightness: float) -> None:
-    for name, value in (("random_crop", random_crop), ("random_scale", random_scale),
-                        ("random_brightness", random_brightness)):
-        if not np.isfinite(value) or value < 0:
-            raise ValueError(f"{name} is a percentage and must be >= 0, got {value}")
-    if random_brightness >= 100:
-        raise ValueError(f"random_brightness must be below 100 (100% could make the image black), "
-                         f"got {random_brightness}")

@@ -51,7 +51,7 @@ def build_retrained_model(
     bottleneck = backbone.sidecar["bottleneck_output"]
     taken = {n.name for n in graph.initializer} | {o for n in graph.node for o in n.output}
     if final_tensor_name in taken:
-        raise ValueError(f"--final_tensor_name {final_tensor_name!r} is already a name inside the backbone; pick another")
+        raise ValueError(f"final_tensor_name {final_tensor_name!r} is already a name inside the backbone; pick another")
 
     graph.initializer.extend([numpy_helper.from_array(weights, "final_weights"), numpy_helper.from_array(biases, "final_biases")])
     graph.node.extend([
@@ -119,7 +119,7 @@ def write_retrained_graph(path: str | Path, model) -> Path:
     """Serialise and write atomically (a crash never leaves half a graph)."""
     path = Path(path)
     if path.suffix != ".onnx":
-        raise ValueError(f"{path}: --output_graph must end in .onnx")
+        raise ValueError(f"{path}: output_graph must end in .onnx")
     write_bytes_atomically(path, model.SerializeToString())
     return path
 

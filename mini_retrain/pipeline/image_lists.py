@@ -35,7 +35,7 @@ def find_images(image_dir: str | Path) -> tuple[dict[str, list[str]], list[str]]
     """
     image_dir = Path(image_dir)
     if not image_dir.exists():
-        raise ValueError(f"{image_dir}: image_dir does not exist; pass --image_dir FOLDER with one subfolder per class")
+        raise ValueError(f"{image_dir}: image_dir does not exist; pass a folder with one subfolder per class")
     if not image_dir.is_dir():
         raise ValueError(f"{image_dir}: image_dir is not a folder; pass the folder that holds one subfolder per class")
     class_folders = sorted((p for p in image_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),

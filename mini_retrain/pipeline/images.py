@@ -94,6 +94,22 @@ def read_image(path: str | os.PathLike, fast: bool = False, keep_gray: bool = Fa
     return image if keep_gray or image.mode == "RGB" else image.convert("RGB")  # gray copied into R, G, B
 
 
+def to_image(image: Image.Image | np.ndarray, name: str = "image") -> Image.Image:
+    """An image already in memory -> 8-bit "L" or "RGB", as read_image makes one from a file.
+
+    A PIL image in any mode read_image accepts (the same rules, see `_to_8bit`), or a NumPy array of uint8:
+    (H, W) grey or (H, W, 3) RGB. `name` stands for the path in error messages."""
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+            raise ValueError(f"{name}: an image array must be (height, width) or (height, width, 3) uint8, got "
+                             f"shape {image.shape} dtype {image.dtype}; pass a list for several images")
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        raise ValueError(f"{name}: expected a path, a PIL image or a NumPy array, got {type(image).__name__}")
+    _check_size(image.size, Path(name))
+    return _to_8bit(image, Path(name))
+
+
 def _read_dicom(path: Path, keep_gray: bool) -> Image.Image:
     from mini_retrain.pipeline.dicom import read_dicom  # imported here: pydicom is an optional extra
 

@@ -7,12 +7,15 @@ The graph is self-contained: its metadata says how its training images were deco
 from __future__ import annotations
 
 import json
-import sys
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from PIL import Image
 
+from mini_retrain.errors import print_to_stderr
 from mini_retrain.pipeline.backbone import backbone_input, choose_providers, session_options
 from mini_retrain.pipeline.export import MARKER
 from mini_retrain.pipeline.images import IMAGE_EXTENSIONS, read_image
@@ -25,16 +28,20 @@ class RetrainedModel(NamedTuple):
     metadata: dict[str, str]
 
 
-def load_retrained(graph: str | Path, labels_file: str | Path | None = None, device: str = "auto") -> RetrainedModel:
-    """Open a graph written by `mini_retrain retrain` and check that the labels file belongs to it."""
+def load_retrained(graph: str | os.PathLike, labels_file: str | os.PathLike | None = None, device: str = "auto",
+                   log: Callable[[str], None] = print_to_stderr) -> RetrainedModel:
+    """Open a graph written by `mini_retrain retrain` and check that the labels file belongs to it.
+
+    log receives a WARNING when CUDA was asked for but is missing (by default on stderr: `label --json` keeps
+    stdout for the JSON)."""
     import onnxruntime
 
     graph = Path(graph)
     if not graph.is_file():
-        raise ValueError(f"{graph}: no such graph; pass the --output_graph of `mini_retrain retrain`")
+        raise ValueError(f"{graph}: no such graph; pass the output_graph written by `mini_retrain retrain`")
     providers, message = choose_providers(device, onnxruntime.get_available_providers())
     if message:
-        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+        log(f"WARNING: {message}")
     try:
         session = onnxruntime.InferenceSession(str(graph), sess_options=session_options(), providers=providers)
     except Exception as error:
@@ -51,7 +58,7 @@ def load_retrained(graph: str | Path, labels_file: str | Path | None = None, dev
             raise ValueError(f"{labels_file}: cannot read the labels file ({error.strerror})") from None
         if given != labels:
             raise ValueError(f"{labels_file}: labels {given} do not match the graph's {labels}; "
-                             "pass the --output_labels written with this graph")
+                             "pass the output_labels written with this graph")
     return RetrainedModel(session, graph, labels, metadata)
 
 
@@ -67,14 +74,22 @@ def image_paths(inputs: list[str | Path]) -> list[Path]:
         else:
             paths.append(item)
     if not paths:
-        raise ValueError(f"{inputs[0] if inputs else '--image'}: no images found; "
+        raise ValueError(f"{inputs[0] if inputs else 'images'}: no images found; "
                          "pass image files or a folder of .jpg/.png/.dcm files")
     return paths
 
 
-def model_input(model: RetrainedModel, path: Path) -> np.ndarray:
-    """(3, H, W) float32, decoded, resized and scaled as the graph's metadata says (as its training images were)."""
+def model_input(model: RetrainedModel, image: Path | Image.Image) -> np.ndarray:
+    """(3, H, W) float32, decoded, resized and scaled as the graph's metadata says (as its training images were).
+
+    image: a file, or an image already decoded by images.to_image."""
     fast = model.metadata.get("fast_decode") == "1"  # retrain --fast_decode
     sidecar = {"input_size": json.loads(model.metadata["input_size"]),  # the backbone's sidecar, as the graph keeps it
                "input_mean": float(model.metadata["input_mean"]), "input_std": float(model.metadata["input_std"])}
-    return backbone_input(read_image(path, fast=fast, keep_gray=True), sidecar, fast)
+    decoded = image if isinstance(image, Image.Image) else read_image(image, fast=fast, keep_gray=True)
+    return backbone_input(decoded, sidecar, fast)
+
+
+def image_name(image: Path | Image.Image, index: int) -> str:
+    """What the results call an image: its path, or "image <index>" for one given in memory."""
+    return f"image {index}" if isinstance(image, Image.Image) else str(image)
