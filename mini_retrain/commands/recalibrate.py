@@ -12,8 +12,8 @@ and final_biases: mean(map_c) = a_c (w_c . pool_3) = z'_c - (a_c b_c + c_c) = lo
 
 The metadata key `recalibration` (JSON) records the sample (each file with its SHA-1 and label, the count per class),
 the fitted a and c, and the sample's accuracy, expected calibration error and cross-entropy before and after.
-Those figures are on the very images the fit used, so "after" is optimistic; `calibration_overlap` lets an
-evaluation notice when it is scoring calibration images.
+"Before" is a fair estimate of the graph at the new site (it had never seen those images); "after" is optimistic,
+as the fit used them, and `calibration_overlap` lets an evaluation notice when it is scoring calibration images.
 """
 
 from __future__ import annotations
@@ -150,9 +150,12 @@ def recalibrate(graph: Path, image_dir: Path, output: Path, labels_file: Path | 
               else ", ".join(f"{label} {a:.4f}" for label, a in zip(labels, fitted.scale)))
     log(f"Fitted z' = a z + c in {fitted.steps} Newton steps: scale a = {scales}; bias c = "
         + ", ".join(f"{label} {c:+.4f}" for label, c in zip(labels, fitted.bias)))
-    log("On the calibration sample (the images the fit used, so 'after' is optimistic):")
+    low, high = before["accuracy_ci"]
+    log("On the calibration sample, before -> after: 'before' is a fair estimate at this site (the graph had not seen "
+        "these images), 'after' is optimistic (the fit used them):")
     log(f"  accuracy       {100 * before['accuracy']:5.1f}% -> {100 * after['accuracy']:5.1f}% "
-        f"({before['correct']}/{before['n']} -> {after['correct']}/{after['n']})")
+        f"({before['correct']}/{before['n']} -> {after['correct']}/{after['n']}; before: 95% CI "
+        f"{100 * low:.1f}-{100 * high:.1f}%)")
     log(f"  ECE            {before['ece']:.3f} -> {after['ece']:.3f}")
     log(f"  cross-entropy  {before['cross_entropy']:.3f} -> {after['cross_entropy']:.3f}")
     log(f"Wrote {output} (its final_logits are the recalibrated logits)")
