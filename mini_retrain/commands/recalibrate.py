@@ -108,7 +108,8 @@ def _check_output(graph: Path, output: Path) -> Path:
         raise ValueError(f"{output}: --output is the --graph itself; write the recalibrated graph to a new file")
     folder = output.resolve().parent
     if output.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(f"{output}: cannot write there (a folder, a missing folder, or read-only); choose another --output")
+        raise ValueError(f"{output}: cannot write there (a folder, a missing folder, or read-only); "
+                         "choose another --output")
     return output
 
 
@@ -139,11 +140,12 @@ def recalibrate(graph: Path, image_dir: Path, output: Path, labels_file: Path | 
         "source_graph": str(graph), "source_graph_sha1": file_sha1(graph),
         "sample": {"image_dir": str(image_dir),
                    "per_class": {label: int(count) for label, count in zip(labels, counts)},
-                   "images": [{"file": path.relative_to(image_dir).as_posix(), "label": labels[c], "sha1": file_sha1(path)}
-                              for path, c in zip(paths, classes)]},
+                   "images": [{"file": path.relative_to(image_dir).as_posix(), "label": labels[c],
+                               "sha1": file_sha1(path)} for path, c in zip(paths, classes)]},
         "before": before, "after": after,
     }
-    write_bytes_atomically(output, recalibrated_model(Path(graph), fitted.scale, fitted.bias, record).SerializeToString())
+    new_graph = recalibrated_model(Path(graph), fitted.scale, fitted.bias, record)
+    write_bytes_atomically(output, new_graph.SerializeToString())
 
     shared = bool(np.all(fitted.scale == fitted.scale[0]))
     scales = (f"{fitted.scale[0]:.4f} (temperature {1 / fitted.scale[0]:.4f})" if shared
@@ -151,8 +153,8 @@ def recalibrate(graph: Path, image_dir: Path, output: Path, labels_file: Path | 
     log(f"Fitted z' = a z + c in {fitted.steps} Newton steps: scale a = {scales}; bias c = "
         + ", ".join(f"{label} {c:+.4f}" for label, c in zip(labels, fitted.bias)))
     low, high = before["accuracy_ci"]
-    log("On the calibration sample, before -> after: 'before' is a fair estimate at this site (the graph had not seen "
-        "these images), 'after' is optimistic (the fit used them):")
+    log("On the calibration sample, before -> after: 'before' is a fair estimate at this site (if the graph was not "
+        "trained on these images), 'after' is optimistic (the fit used them):")
     log(f"  accuracy       {100 * before['accuracy']:5.1f}% -> {100 * after['accuracy']:5.1f}% "
         f"({before['correct']}/{before['n']} -> {after['correct']}/{after['n']}; before: 95% CI "
         f"{100 * low:.1f}-{100 * high:.1f}%)")
