@@ -83,6 +83,32 @@ def _add_explain_parser(commands) -> None:
     p.set_defaults(run=_explain)
 
 
+def _recalibrate(args: argparse.Namespace) -> int:
+    from mini_retrain.commands.recalibrate import recalibrate
+
+    recalibrate(args.graph, args.image_dir, args.output, args.labels, args.device)
+    return 0
+
+
+def _add_recalibrate_parser(commands) -> None:
+    p = commands.add_parser(
+        "recalibrate", help="refit the logits' scale and bias to a small labelled sample of a new site",
+        description="Fit z' = a z + c on the graph's final logits (two classes: a temperature and a bias) to the "
+        "labelled images in --image_dir (one subfolder per label of the graph, at least 5 images each) and write a "
+        "new graph with the recalibrated logits; its metadata records the sample and the fit.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--graph", type=Path, required=True, help="the retrained graph (.onnx)")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="the labels file written with the graph (checked against it)")
+    p.add_argument("--image_dir", type=Path, required=True,
+                   help="the site's labelled sample: one subfolder per label of the graph, at least 5 images each")
+    p.add_argument("--output", type=Path, default=Path("recalibrated_graph.onnx"),
+                   help="where to write the recalibrated graph (a new .onnx; the --graph is left as it is)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where onnxruntime runs: auto = CUDA when available, else CPU")
+    p.set_defaults(run=_recalibrate)
+
+
 def _add_graph_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of the commands that read a retrained graph (label, explain)."""
     parser.add_argument("--graph", type=Path, required=True, help="the retrained graph (.onnx)")
@@ -298,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_retrain_parser(commands)
     _add_label_parser(commands)
     _add_explain_parser(commands)
+    _add_recalibrate_parser(commands)
     _add_prepare_parser(commands)
     _add_crossval_parser(commands)
     _add_sweep_parser(commands)

@@ -437,7 +437,7 @@ def test_numbers_quoted_from_the_code(cli):
     import inspect
     import math
 
-    from mini_retrain.core import softmax_layer, split
+    from mini_retrain.core import recalibrate, softmax_layer, split
     from mini_retrain.evaluation import metrics, ood
     from mini_retrain.pipeline import image_lists
 
@@ -462,6 +462,10 @@ def test_numbers_quoted_from_the_code(cli):
             f"into {bins} equal-width bins",
             f"K = min({ood.MAX_FOLDS}, n)",
             f"THRESHOLD_MARGIN = {ood.THRESHOLD_MARGIN:g}, q = {quantile:g}",
+        ],
+        "accuracy.md": [
+            f"(one subfolder per label, at least {recalibrate.MIN_IMAGES_PER_CLASS} each)",
+            f"the default {recalibrate.L2:g} was fixed before",
         ],
         "shenzhen.md": [
             f"{retrain['how_many_training_steps']} steps, learning rate {retrain['learning_rate']:g}, batches of "
