@@ -37,7 +37,7 @@ def make_site(folder, counts, seed=0):
 
 @pytest.fixture
 def graph(tiny_backbone, tmp_path):
-    backbone = load_backbone(tiny_backbone, device="cpu", verbose=False)
+    backbone = load_backbone(tiny_backbone, device="cpu", log=lambda line: None)
     rng = np.random.default_rng(5)
     bottlenecks = run_backbone(backbone, rng.uniform(-1, 1, size=(8, 3, 299, 299)).astype(np.float32))  # (8, 4)
     weights, biases = rng.normal(size=(4, 2)).astype(np.float32), np.array([0.3, -0.2], np.float32)
