@@ -36,20 +36,11 @@ def _retrain(args: argparse.Namespace) -> int:
 
 
 def _label(args: argparse.Namespace) -> int:
-    import json
-
-    from mini_retrain.commands.label import format_result, label_images
+    from mini_retrain.commands.label import print_labels
     from mini_retrain.pipeline.retrained_graph import image_paths, load_retrained
 
     model = load_retrained(args.graph, args.labels, args.device)
-    paths = image_paths(args.image)
-    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    results = label_images(model, paths, args.num_top_predictions, log=log)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for result in results:
-            print("\n".join(format_result(result)))
+    print_labels(model, image_paths(args.image), args.num_top_predictions, args.json)
     return 0
 
 
