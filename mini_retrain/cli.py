@@ -44,6 +44,39 @@ def _label(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from mini_retrain.commands.evaluate import evaluate_folder
+
+    evaluate_folder(args.graph, args.image_dir, args.labels, args.positive_label, args.json, args.report, args.device)
+    return 0
+
+
+def _add_evaluate_parser(commands) -> None:
+    p = commands.add_parser(
+        "evaluate", help="score a retrained graph on a labelled folder (another hospital, held-out films)",
+        description="Run the graph on every image of --image_dir (one subfolder per class, named like the graph's "
+        "labels) and print the metrics retrain prints, the images its distances flag, and how the accuracy compares "
+        "with the internal test the graph carries (the difference with its 95% interval, Newcombe's method).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--graph", type=Path, required=True, help="the retrained graph (.onnx)")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="the labels file written with the graph (checked against it)")
+    p.add_argument("--image_dir", type=Path, required=True,
+                   help="folder with one subfolder of images per class, named like the graph's labels "
+                   "(a class may be missing)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the metrics, the comparison and one row per image (as label --json, plus true) here")
+    p.add_argument("--positive_label", default=None,
+                   help="the class counted as positive for sensitivity/specificity/ROC "
+                   "(default: abnormal/tb/pneumonia/... when present)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="write the ROC, confusion matrix and reliability plots with an index.html here "
+                   "(plots need mini_retrain[report], i.e. matplotlib)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where onnxruntime runs: auto = CUDA when available, else CPU")
+    p.set_defaults(run=_evaluate)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from mini_retrain.commands.demo import run_demo
 
@@ -286,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(commands)
     _add_retrain_parser(commands)
     _add_label_parser(commands)
+    _add_evaluate_parser(commands)
     _add_explain_parser(commands)
     _add_prepare_parser(commands)
     _add_crossval_parser(commands)

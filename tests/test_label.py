@@ -10,12 +10,8 @@ import pytest
 from mini_retrain.cli import main
 from mini_retrain.commands import label as label_module
 from mini_retrain.commands.label import label_stream, print_labels
-from mini_retrain.pipeline.backbone import backbone_input, load_backbone, run_backbone
-from mini_retrain.pipeline.images import read_image
-from mini_retrain.pipeline.export import build_retrained_model, write_labels, write_retrained_graph
 from mini_retrain.pipeline.retrained_graph import load_retrained, model_input, predict_images
-from mini_retrain.evaluation.ood import fit_ood_model
-from tests.conftest import DEMO_DATA
+from tests.conftest import DEMO_DATA, tiny_retrained_graph
 
 XRAYS = sorted((DEMO_DATA / "pneumonia-demo").glob("*/*.jpeg"))
 PHOTOS = sorted((DEMO_DATA / "photos").glob("*.png"))
@@ -23,16 +19,7 @@ PHOTOS = sorted((DEMO_DATA / "photos").glob("*.png"))
 
 @pytest.fixture
 def tiny_graph(tiny_backbone, tmp_path):
-    """A retrained graph on the tiny backbone, its OOD model fitted on the demo X-rays; (graph, labels file)."""
-    backbone = load_backbone(tiny_backbone, device="cpu", verbose=False)
-    inputs = np.stack([backbone_input(read_image(path, keep_gray=True), backbone.sidecar) for path in XRAYS])
-    bottlenecks = run_backbone(backbone, inputs)  # (16, 4)
-    classes = np.array([0 if path.parent.name == "normal" else 1 for path in XRAYS])
-    rng = np.random.default_rng(5)
-    weights, biases = rng.normal(size=(4, 2)).astype(np.float32), np.zeros(2, np.float32)
-    graph = build_retrained_model(backbone, weights, biases, ["normal", "pneumonia"], "final_result",
-                                  fit_ood_model(bottlenecks, classes, 2))
-    return write_retrained_graph(tmp_path / "g.onnx", graph), write_labels(tmp_path / "l.txt", ["normal", "pneumonia"])
+    return tiny_retrained_graph(tiny_backbone, tmp_path)
 
 
 def images_with_a_bad_one(folder):

@@ -81,8 +81,11 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
 
     # 6. Write everything.
     ood = fit_ood_model(train_x, train_y, len(labels))
+    internal_test = None if not evaluation["n"] else {
+        "n": evaluation["n"], "correct": evaluation["accuracy"]["successes"],
+        "accuracy": evaluation["accuracy"]["estimate"], "ci": evaluation["accuracy"]["ci"]}
     model = build_retrained_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name, ood,
-                                  settings.fast_decode)
+                                  settings.fast_decode, internal_test)
     write_retrained_graph(settings.output_graph, model)
     write_labels(settings.output_labels, labels)
     weights_path = settings.output_weights or settings.output_graph.with_suffix(".final_layer.npz")
