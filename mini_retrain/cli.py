@@ -123,6 +123,10 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
                         "content)")
     parser.add_argument("--on_bad_image", choices=("skip", "error"), default="skip",
                         help="an unreadable image: skip it with a message, or stop")
+    parser.add_argument("--group_pattern", default=None,
+                        help="a regular expression searched in each file name: files with the same match (group 1 if "
+                        "it has a group) are one patient and share one split and one fold, e.g. "
+                        "'(person[0-9]+|IM-[0-9]+)' for Kermany's names")
     parser.add_argument("--fast_decode", action="store_true",
                         help="decode large images faster (JPEG draft, then Image.reduce before the resize): slightly "
                         "different bottlenecks, cached apart; label and explain follow the graph's choice")

@@ -92,6 +92,9 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
     write_final_layer(weights_path, layer.weights, layer.biases, labels)
     evaluation["history"] = history
     evaluation["ood_threshold"] = float(ood.threshold)
+    # Which image went where, for an audit (one patient in two splits?): paths relative to image_dir.
+    evaluation["splits"] = {split: sorted(f for f, s in zip(dataset.files, dataset.splits) if s == split)
+                            for split in ("training", "validation", "testing")}
     metrics_path = settings.output_graph.with_suffix(".metrics.json")
     _write_text(metrics_path, json.dumps(evaluation, indent=2) + "\n")
     if settings.summaries_dir is not None:
