@@ -134,7 +134,8 @@ def evaluate_folder(graph: str | Path, image_dir: str | Path, labels: str | Path
     # The panel, as retrain prints it.
     evaluation = evaluate(np.array(probabilities), np.array(truth), model.labels, positive_label)  # (n, classes), (n,)
     skipped = len(rows) - len(truth)
-    log(f"== {model.path.name} on {image_dir} ({len(truth)} images{f', {skipped} skipped' if skipped else ''}) ==")
+    if skipped:
+        log(f"{skipped} of {len(rows)} images skipped (unreadable); the numbers below are on the other {len(truth)}")
     for line in format_evaluation(evaluation, title="Accuracy"):
         log(line)
 
