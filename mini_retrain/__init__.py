@@ -6,6 +6,7 @@ From Python (mini_retrain/api.py):
     evaluation = mini_retrain.retrain("lungs/", how_many_training_steps=500)   # retrain.py's flags as keywords
     results = mini_retrain.label("retrained_graph.onnx", ["new_xray.png"])      # one dict per image, as label --json
     mini_retrain.explain("retrained_graph.onnx", "new_xray.png", output="heat.png")
+    report = mini_retrain.evaluate("retrained_graph.onnx", "other_hospital/")  # a labelled folder from elsewhere
 
 Data flows one way, and the folders are the reading order:
 
@@ -18,7 +19,7 @@ Data flows one way, and the folders are the reading order:
 
 __version__ = "0.1.0"
 
-API = ("retrain", "label", "explain")  # mini_retrain.evaluate joins them when commands/evaluate.py lands
+API = ("retrain", "label", "explain", "evaluate")
 __all__ = [*API, "RetrainSettings", "__version__"]
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mini_retrain.commands.evaluate import evaluate_folder
 from mini_retrain.commands.label import NUM_TOP_PREDICTIONS, label_images
 from mini_retrain.commands.retrain import retrain as run_retrain
 from mini_retrain.errors import print_to_stderr
@@ -98,6 +99,11 @@ def explain(graph: str | os.PathLike, images: ImageInput | Iterable[ImageInput],
     return explain_images(Path(graph), items, Path(output), labels, label, device, log)
 
 
-# mini_retrain.evaluate(...) goes here, beside label and explain, when the `evaluate` command
-# (mini_retrain/commands/evaluate.py) lands: a thin wrapper that takes the same arguments as its flags and returns
-# the evaluation dict the command writes. mini_retrain/__init__.py lists it in API with the others.
+def evaluate(graph: str | os.PathLike, image_dir: str | os.PathLike, labels: str | os.PathLike | None = None, *,
+             positive_label: str | None = None, json_file: str | os.PathLike | None = None,
+             report: str | os.PathLike | None = None, device: str = "auto",
+             log: Callable[[str], None] = print) -> dict:
+    """`mini_retrain evaluate`: score a retrained graph on a labelled folder (one subfolder per class, named like the
+    graph's labels) and compare with the internal test the graph carries. Returns the dict `evaluate --json` writes:
+    n, accuracy {value, ci}, sensitivity, specificity, roc_auc, internal_test, difference, images (one row each)."""
+    return evaluate_folder(graph, image_dir, labels, positive_label, json_file, report, device, log)

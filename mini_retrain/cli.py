@@ -38,21 +38,45 @@ def _retrain(args: argparse.Namespace) -> int:
 
 
 def _label(args: argparse.Namespace) -> int:
-    import json
-
-    from mini_retrain.commands.label import format_result, label_images
+    from mini_retrain.commands.label import print_labels
     from mini_retrain.pipeline.retrained_graph import image_paths, load_retrained
 
     model = load_retrained(args.graph, args.labels, args.device)
-    paths = image_paths(args.image)
-    log = (lambda line: print(line, file=sys.stderr)) if args.json else print
-    results = label_images(model, paths, args.num_top_predictions, log=log)
-    if args.json:
-        print(json.dumps(results, indent=2))
-    else:
-        for result in results:
-            print("\n".join(format_result(result)))
+    print_labels(model, image_paths(args.image), args.num_top_predictions, args.json)
     return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from mini_retrain.commands.evaluate import evaluate_folder
+
+    evaluate_folder(args.graph, args.image_dir, args.labels, args.positive_label, args.json, args.report, args.device)
+    return 0
+
+
+def _add_evaluate_parser(commands) -> None:
+    p = commands.add_parser(
+        "evaluate", help="score a retrained graph on a labelled folder (another hospital, held-out films)",
+        description="Run the graph on every image of --image_dir (one subfolder per class, named like the graph's "
+        "labels) and print the metrics retrain prints, the images its distances flag, and how the accuracy compares "
+        "with the internal test the graph carries (the difference with its 95% interval, Newcombe's method).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--graph", type=Path, required=True, help="the retrained graph (.onnx)")
+    p.add_argument("--labels", type=Path, default=None,
+                   help="the labels file written with the graph (checked against it)")
+    p.add_argument("--image_dir", type=Path, required=True,
+                   help="folder with one subfolder of images per class, named like the graph's labels "
+                   "(a class may be missing)")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the metrics, the comparison and one row per image (as label --json, plus true) here")
+    p.add_argument("--positive_label", default=None,
+                   help="the class counted as positive for sensitivity/specificity/ROC "
+                   "(default: abnormal/tb/pneumonia/... when present)")
+    p.add_argument("--report", type=Path, default=None,
+                   help="write the ROC, confusion matrix and reliability plots with an index.html here "
+                   "(plots need mini_retrain[report], i.e. matplotlib)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where onnxruntime runs: auto = CUDA when available, else CPU")
+    p.set_defaults(run=_evaluate)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -127,6 +151,10 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
                         "content)")
     parser.add_argument("--on_bad_image", choices=("skip", "error"), default="skip",
                         help="an unreadable image: skip it with a message, or stop")
+    parser.add_argument("--group_pattern", default=None,
+                        help="a regular expression searched in each file name: files with the same match (group 1 if "
+                        "it has a group) are one patient and share one split and one fold, e.g. "
+                        "'(person[0-9]+|IM-[0-9]+)' for Kermany's names")
     parser.add_argument("--fast_decode", action="store_true",
                         help="decode large images faster (JPEG draft, then Image.reduce before the resize): slightly "
                         "different bottlenecks, cached apart; label and explain follow the graph's choice")
@@ -323,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(commands)
     _add_retrain_parser(commands)
     _add_label_parser(commands)
+    _add_evaluate_parser(commands)
     _add_explain_parser(commands)
     _add_recalibrate_parser(commands)
     _add_prepare_parser(commands)

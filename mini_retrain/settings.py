@@ -52,6 +52,7 @@ class RetrainSettings:
     class_balancing: bool = True  # retrain.py's batches: a class uniformly, then an image (see sampling.py)
     fast_decode: bool = False  # JPEG draft + Image.reduce before the resize (images.py); stored in the graph
     on_bad_image: str = "skip"
+    group_pattern: str | None = None  # regex: file names with the same match are one patient (split.py)
     positive_label: str | None = None
     explain_misclassified: Path | None = None
     report: Path | None = None

@@ -63,6 +63,27 @@ def tiny_backbone(tmp_path) -> Path:
     return path
 
 
+def tiny_retrained_graph(tiny_backbone: Path, folder: Path, internal_test: dict | None = None,
+                         labels: tuple[str, str] = ("normal", "pneumonia"), name: str = "g.onnx") -> tuple[Path, Path]:
+    """A graph as retrain writes it, on the tiny backbone: a random final layer for two labels, the OOD model fitted
+    on the demo X-rays; returns (graph, labels file) in `folder`."""
+    from mini_retrain.evaluation.ood import fit_ood_model
+    from mini_retrain.pipeline.backbone import backbone_input, load_backbone, run_backbone
+    from mini_retrain.pipeline.export import build_retrained_model, write_labels, write_retrained_graph
+    from mini_retrain.pipeline.images import read_image
+
+    backbone = load_backbone(tiny_backbone, device="cpu", log=lambda line: None)
+    xrays = sorted((DEMO_DATA / "pneumonia-demo").glob("*/*.jpeg"))
+    inputs = np.stack([backbone_input(read_image(path, keep_gray=True), backbone.sidecar) for path in xrays])
+    bottlenecks = run_backbone(backbone, inputs)  # (16, 4)
+    classes = np.array([0 if path.parent.name == "normal" else 1 for path in xrays])
+    rng = np.random.default_rng(5)
+    weights, biases = rng.normal(size=(4, 2)).astype(np.float32), np.zeros(2, np.float32)
+    model = build_retrained_model(backbone, weights, biases, list(labels), "final_result",
+                                  fit_ood_model(bottlenecks, classes, 2), internal_test=internal_test)
+    return write_retrained_graph(folder / name, model), write_labels(folder / "l.txt", list(labels))
+
+
 def read_or_bad(path) -> None:
     """read_image's whole contract on a hostile file: an RGB image or a BadImageError that names the file."""
     from mini_retrain.pipeline.images import BadImageError, read_image

@@ -102,7 +102,7 @@ def test_too_many_folds_names_the_class_and_the_fix():
                                                       "tb/p3.png"]
     classes = np.array([0] * 6 + [1] * 4)
     assign_folds(files, classes, 3, np.random.default_rng(0))  # fine
-    message = r"^folds 4 is more than class 'tb' has .*\(3 _nohash_ groups\); use folds=3 or fewer"
+    message = r"^folds 4 is more than class 'tb' has .*\(3 patient groups\); use folds=3 or fewer"
     with pytest.raises(ValueError, match=message):
         assign_folds(files, classes, 4, np.random.default_rng(0), ["normal", "tb"])
     for folds in (1, 0, 2.5):
@@ -112,7 +112,7 @@ def test_too_many_folds_names_the_class_and_the_fix():
 
 def test_a_group_spanning_two_classes_is_refused():
     files = ["x/p1_nohash_0.png", "x/p1_nohash_1.png", "x/a.png", "x/b.png"]
-    with pytest.raises(ValueError, match="_nohash_ group 'x/p1' holds images of different classes"):
+    with pytest.raises(ValueError, match="patient group 'x/p1' holds images of different classes"):
         assign_folds(files, np.array([0, 1, 0, 1]), 2, np.random.default_rng(0))
 
 
@@ -217,4 +217,4 @@ def test_crossval_cli_on_the_demo_xrays(tmp_path, real_backbone_path, capsys):
     assert main(["crossval", *common, "--folds", "9", "--output_json", str(output)]) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert error == ["mini_retrain: error: --folds 9 is more than class 'normal' has independent images "
-                     "(8 _nohash_ groups); use --folds 8 or fewer"]
+                     "(8 patient groups); use --folds 8 or fewer"]

@@ -14,8 +14,8 @@ every check catches what it is for):
 - a link to `file.py#L123` lands on the line that defines the function it names (in algorithm.md every function
   link does), and the line counts quoted beside files stay within 10% of the truth.
 
-And the Python in the docs runs: the gradient check in algorithm.md, and shenzhen.md's scoring script on a
-`label --json` file written here, compared with metrics worked out by hand.
+And the docs' code and output stay true: the gradient check in algorithm.md runs, and the output shenzhen.md shows
+for `mini_retrain evaluate` is what the command prints.
 """
 
 from __future__ import annotations
@@ -425,7 +425,7 @@ def test_every_shell_block_of_the_walkthrough_uses_mini_retrain_commands(cli):
     _, blocks = split_markdown((DOCS / "shenzhen.md").read_text(encoding="utf-8"))
     used = {tokens[1] for language, code in blocks if language in SHELL_LANGUAGES
             for tokens in shell_commands(code) if tokens[0] == "mini_retrain" and len(tokens) > 1}
-    assert {"prepare", "retrain", "label", "explain", "crossval", "sweep"} <= used
+    assert {"prepare", "retrain", "label", "evaluate", "explain", "crossval", "sweep"} <= used
 
 
 def _defaults(parsers: dict[str, argparse.ArgumentParser], subcommand: str) -> dict:
@@ -552,38 +552,40 @@ def test_the_gradient_check_in_algorithm_md_runs():
             exec(compile(code, "docs/algorithm.md", "exec"), {"__name__": "__doc_snippet__"})
 
 
-def test_the_scoring_script_in_shenzhen_md(tmp_path, monkeypatch):
-    """shenzhen.md's score_labels.py on a `label --json` file with known answers.
+def _shape(line: str) -> str:
+    """A line with its numbers blanked: what the docs and the command must share (the numbers differ)."""
+    return re.sub(r"[+-]?[0-9][0-9.]*", "#", line.strip())
 
-    Four readable images and one unreadable (skipped). By hand, with abnormal the positive class:
-      abnormal/1  abnormal 0.9  -> right       abnormal/2  abnormal 0.3 -> wrong (called normal), out of distribution
-      normal/3    abnormal 0.2  -> right       normal/4    abnormal 0.4 -> right
-    accuracy 3/4, sensitivity 1/2, specificity 2/2; AUC = pairs (positive, negative) ranked right / 4 =
-    (0.9>0.2, 0.9>0.4, 0.3>0.2, not 0.3>0.4) = 3/4; 1 of 4 out of distribution.
-    """
-    scripts = [code for code in _python_blocks(DOCS / "shenzhen.md") if "score_labels.py" in code]
-    assert len(scripts) == 1
 
-    def record(path, abnormal, ood=False):
-        normal = round(1 - abnormal, 6)
-        predictions = sorted([{"label": "abnormal", "score": abnormal}, {"label": "normal", "score": normal}],
-                             key=lambda p: -p["score"])  # label prints the highest score first
-        return {"image": f"lungs_montgomery/{path}", "predictions": predictions, "ood_distance": 9.0 if ood else 1.0,
-                "ood_threshold": 5.0, "out_of_distribution": ood}
+def test_the_evaluate_output_in_shenzhen_md_is_what_evaluate_prints(tiny_backbone, tmp_path, monkeypatch):
+    """Section 9's example output, line by line, against a real run (a tiny graph on the demo X-rays, laid out as
+    lungs_montgomery/abnormal and normal): each documented line, up to its first "...", numbers blanked, starts one
+    printed line, in the same order."""
+    import shutil
 
-    records = [record("abnormal/MCUCXR_0001_1.png", 0.9), record("abnormal/MCUCXR_0002_1.png", 0.3, ood=True),
-               record("normal/MCUCXR_0003_0.png", 0.2), record("normal/MCUCXR_0004_0.png", 0.4),
-               {"image": "lungs_montgomery/normal/broken.png", "error": "not an image"}]
-    (tmp_path / "montgomery.json").write_text(json.dumps(records))
-    (tmp_path / "retrained_labels.txt").write_text("abnormal\nnormal\n")
+    from tests.conftest import DEMO_DATA, tiny_retrained_graph
+    from mini_retrain.cli import main
+
+    text = (DOCS / "shenzhen.md").read_text(encoding="utf-8")
+    section = text[text.index("## 9. "):text.index("## 10. ")]
+    blocks = [code for language, code in split_markdown(section)[1] if language == "text"]
+    assert len(blocks) == 1
+    documented = [line for line in blocks[0].splitlines() if line.strip()]
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["score_labels.py", "montgomery.json", "retrained_labels.txt"])
+    tiny_retrained_graph(tiny_backbone, tmp_path, internal_test={"n": 50, "correct": 45, "accuracy": 0.9,
+                         "ci": [0.786, 0.957]}, labels=("abnormal", "normal"), name="retrained_graph.onnx")
+    for source in sorted((DEMO_DATA / "pneumonia-demo").glob("*/*.jpeg")):
+        folder = Path("lungs_montgomery") / ("normal" if source.parent.name == "normal" else "abnormal")
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, folder / source.name)
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
-        exec(compile(scripts[0], "docs/shenzhen.md", "exec"), {"__name__": "__main__"})
-    printed = output.getvalue()
-    assert "Accuracy = 75.0% (N=4," in printed
-    assert "Sensitivity (abnormal) = 50.0% (1/2," in printed
-    assert "Specificity (normal) = 100.0% (2/2," in printed
-    assert "ROC AUC = 0.750" in printed
-    assert "Out of distribution: 1 of 4 images" in printed
+        assert main(["evaluate", "--graph", "retrained_graph.onnx", "--image_dir", "lungs_montgomery",
+                     "--device", "cpu"]) == 0
+    printed = [_shape(line) for line in output.getvalue().splitlines()]
+    position = 0
+    for line in documented:
+        prefix = _shape(line.split("...")[0])
+        found = next((i for i in range(position, len(printed)) if printed[i].startswith(prefix)), None)
+        assert found is not None, f"shenzhen.md shows {line!r}; evaluate printed {output.getvalue()}"
+        position = found + (1 if prefix else 0)

@@ -16,6 +16,7 @@ from mini_retrain.evaluation.metrics import (
     default_positive_label,
     evaluate,
     format_evaluation,
+    newcombe_interval,
     roc_auc,
     roc_curve,
     wilson_interval,
@@ -84,6 +85,48 @@ def test_wilson_contains_the_estimate_and_lies_in_unit_interval(n, fraction, con
     successes = int(round(fraction * n))
     low, high = wilson_interval(successes, n, confidence)
     assert 0.0 <= low <= successes / n <= high <= 1.0
+
+
+# ---------------------------------------------------------------- Newcombe's interval for a difference
+
+
+def test_newcombe_56_of_70_minus_48_of_80_by_hand():
+    """Newcombe (1998), the first example, worked by hand from the two Wilson intervals (z = 1.959964):
+
+    56/70: p1 = 0.8, z^2/n = 0.054878, centre = (0.8 + 0.027439) / 1.054878 = 0.784393,
+           halfwidth = 1.959964 / 1.054878 * sqrt(0.16 / 70 + 0.054878 / 280) = 0.092560 -> (0.691834, 0.876953)
+    48/80: p2 = 0.6, z^2/n = 0.048018, centre = (0.6 + 0.024009) / 1.048018 = 0.595418,
+           halfwidth = 1.959964 / 1.048018 * sqrt(0.24 / 80 + 0.048018 / 320) = 0.104964 -> (0.490455, 0.700382)
+    low  = 0.2 - sqrt((0.8 - 0.691834)^2 + (0.700382 - 0.6)^2) = 0.2 - 0.147569 = 0.0524
+    high = 0.2 + sqrt((0.876953 - 0.8)^2 + (0.6 - 0.490455)^2) = 0.2 + 0.133873 = 0.3339
+    """
+    low, high = newcombe_interval(56, 70, 48, 80)
+    assert (round(low, 4), round(high, 4)) == (0.0524, 0.3339)
+
+
+@pytest.mark.parametrize("counts, expected", [
+    ((9, 10, 3, 10), (0.1705, 0.8090)),
+    ((5, 56, 0, 29), (-0.0381, 0.1926)),
+    ((0, 10, 0, 20), (-0.1611, 0.2775)),
+    ((10, 10, 0, 20), (0.6791, 1.0000)),
+])
+def test_newcombe_published_values(counts, expected):
+    """Newcombe (1998), Table II, method 10 (score interval without continuity correction)."""
+    assert tuple(round(bound, 4) for bound in newcombe_interval(*counts)) == expected
+
+
+@given(n_1=st.integers(1, 2000), n_2=st.integers(1, 2000), f_1=st.floats(0, 1), f_2=st.floats(0, 1))
+def test_newcombe_contains_the_difference_and_is_antisymmetric(n_1, n_2, f_1, f_2):
+    x_1, x_2 = int(round(f_1 * n_1)), int(round(f_2 * n_2))
+    low, high = newcombe_interval(x_1, n_1, x_2, n_2)
+    assert -1.0 - 1e-12 <= low <= x_1 / n_1 - x_2 / n_2 <= high <= 1.0 + 1e-12
+    swapped = newcombe_interval(x_2, n_2, x_1, n_1)  # p2 - p1: the same interval, mirrored
+    assert swapped == pytest.approx((-high, -low), abs=1e-12)
+
+
+def test_newcombe_needs_both_groups():
+    with pytest.raises(ValueError, match="n_2=0"):
+        newcombe_interval(3, 10, 0, 0)
 
 
 # ---------------------------------------------------------------- confusion matrix

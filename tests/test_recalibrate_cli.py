@@ -131,3 +131,24 @@ def test_bad_input_is_one_line_before_any_work(graph, tmp_path, capsys, counts, 
     assert re.search(message, captured.err)
     assert "Logits:" not in captured.out  # the graph never ran
     assert not output.exists()
+
+
+def test_evaluate_says_when_it_scores_the_calibration_sample(graph, tmp_path, capsys):
+    """evaluate on a folder holding the images a graph was recalibrated on: one warning, and the count in the result
+    (by content: a renamed copy counts); a graph never recalibrated, or other images, say nothing."""
+    import shutil
+
+    import mini_retrain
+
+    site = make_site(tmp_path / "site", {"normal": 6, "pneumonia": 6})
+    output = tmp_path / "recalibrated.onnx"
+    assert main(["recalibrate", "--graph", str(graph), "--image_dir", str(site), "--output", str(output)]) == 0
+    scored = make_site(tmp_path / "scored", {"normal": 3, "pneumonia": 3}, seed=9)
+    shutil.copy(site / "normal" / "normal0.png", scored / "normal" / "renamed.png")
+    capsys.readouterr()
+    result = mini_retrain.evaluate(output, scored)
+    printed = capsys.readouterr().out
+    assert result["calibration_images"] == 1
+    assert "WARNING: 1 of these 7 images were in the graph's calibration sample" in printed
+    assert mini_retrain.evaluate(graph, scored)["calibration_images"] == 0
+    assert "calibration sample" not in capsys.readouterr().out

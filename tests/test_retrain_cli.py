@@ -70,6 +70,18 @@ def test_retrain_writes_graph_labels_weights_metrics_and_summaries(trained):
         assert list(layer["labels"]) == ["normal", "pneumonia"]
     metrics = json.loads((folder / "graph.metrics.json").read_text())
     assert metrics["n"] >= 1 and 0 <= metrics["accuracy"]["estimate"] <= 1
+    # The split, for an audit: every image once, where retrain.py's hash puts it (no small-class move here).
+    from mini_retrain.core.split import which_split
+
+    files = sorted(f"{path.parent.name}/{path.name}" for path in (folder / "images").glob("*/*.jpeg"))
+    assert sorted(f for split in metrics["splits"].values() for f in split) == files
+    assert {f: s for s, split in metrics["splits"].items() for f in split} == {f: which_split(f, 25, 25) for f in files}
+    # The test result travels in the graph, for `evaluate` to compare a new folder with.
+    from mini_retrain.pipeline.retrained_graph import load_retrained
+
+    internal = json.loads(load_retrained(folder / "graph.onnx", device="cpu").metadata["internal_test"])
+    assert internal == {"n": metrics["n"], "correct": metrics["accuracy"]["successes"],
+                        "accuracy": metrics["accuracy"]["estimate"], "ci": metrics["accuracy"]["ci"]}
     assert [row["step"] for row in metrics["history"]] == [0, 20, 40, 59]
     csv = (folder / "summaries" / "metrics.csv").read_text().splitlines()
     assert csv[0].startswith("step,train_accuracy,cross_entropy") and len(csv) == 5

@@ -3,7 +3,7 @@
 With a few hundred X-rays, retrain.py's test split holds a few dozen images and its accuracy has a wide confidence
 interval. Cross-validation uses each image once as a test image:
 
-    1. cut the images into K folds                         stratified by class, `_nohash_` groups kept whole
+    1. cut the images into K folds                         stratified by class, patient groups kept whole
     2. for k in 1..K: train the final layer on the other K-1 folds, predict fold k   (train.py)
     3. pool the K held-out predictions: every image predicted exactly once, by a layer that never saw it
     4. report each fold's accuracy and the pooled metrics   (metrics.py)
@@ -11,8 +11,8 @@ interval. Cross-validation uses each image once as a test image:
 The hash split of retrain.py is ignored: every usable image takes part. Only the final layer is retrained per fold;
 the bottlenecks are computed (or read from the cache) once, so K x 4000 steps take seconds.
 
-Why keep `_nohash_` groups whole: two views of one patient look alike, so one in training and one in the held-out
-fold would inflate the accuracy (the model recognises the patient, not the disease). Why stratify: with K folds of
+Why keep patient groups (`_nohash_` names, or files with the same --group_pattern match) whole: two views of one
+patient look alike, so one in training and one in the held-out fold would inflate the accuracy (the model recognises the patient, not the disease). Why stratify: with K folds of
 a 10%-tuberculosis set, an unlucky fold with no tuberculosis at all would measure only specificity.
 """
 
@@ -31,16 +31,17 @@ from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_
 from mini_retrain.pipeline.dataset import Dataset, load_dataset
 from mini_retrain.settings import RetrainSettings
 from mini_retrain.core.softmax_layer import compute_logits, softmax
-from mini_retrain.core.split import hash_key
+from mini_retrain.core.split import check_group_pattern, hash_key
 from mini_retrain.core.train import train_layer
 
 
 def assign_folds(files: list[str], class_indices: np.ndarray, folds: int, rng: np.random.Generator,
-                 class_names: list[str] | None = None) -> np.ndarray:
-    """Fold index (0 .. folds - 1) of every image, (n,) int64: stratified by class, `_nohash_` groups kept whole.
+                 class_names: list[str] | None = None, group_pattern: str | None = None) -> np.ndarray:
+    """Fold index (0 .. folds - 1) of every image, (n,) int64: stratified by class, patient groups kept whole.
 
-    files: (n,) paths relative to image_dir; images with the same split.hash_key form one group (one patient).
-    class_indices: (n,) class of each image. class_names (optional) only make error messages readable.
+    files: (n,) paths relative to image_dir; images with the same split.hash_key form one group (one patient: a
+    `_nohash_` group, or the same --group_pattern match). class_indices: (n,) class of each image. class_names
+    (optional) only make error messages readable.
 
     Whole groups are dealt out greedily, one class at a time ("largest first", as when packing bins):
 
@@ -63,7 +64,8 @@ def assign_folds(files: list[str], class_indices: np.ndarray, folds: int, rng: n
     name_of = (lambda c: repr(class_names[c])) if class_names is not None else (lambda c: str(c))
 
     # Groups: sorted unique hash keys, so the groups do not depend on the order of `files`.
-    keys, group_of_image = np.unique([hash_key(f) for f in files], return_inverse=True)  # (g,), (n,)
+    group_pattern = check_group_pattern(group_pattern)
+    keys, group_of_image = np.unique([hash_key(f, group_pattern) for f in files], return_inverse=True)  # (g,), (n,)
     group_of_image = group_of_image.reshape(-1)
     group_size = np.bincount(group_of_image, minlength=keys.size)  # (g,)
     group_class = np.full(keys.size, -1, dtype=np.int64)  # (g,)
@@ -71,13 +73,13 @@ def assign_folds(files: list[str], class_indices: np.ndarray, folds: int, rng: n
     mixed = np.flatnonzero(group_class[group_of_image] != class_indices)
     if mixed.size:
         group = str(keys[group_of_image[mixed[0]]])
-        raise ValueError(f"{files[mixed[0]]}: its _nohash_ group {group!r} holds images of different classes; "
+        raise ValueError(f"{files[mixed[0]]}: its patient group {group!r} holds images of different classes; "
                          "give one patient's images one class, or rename them")
     for c in np.unique(class_indices):
         group_count = int(np.sum(group_class == c))
         if group_count < folds:
             raise ValueError(f"folds {folds} is more than class {name_of(c)} has independent images "
-                             f"({group_count} _nohash_ groups); use folds={group_count} or fewer")
+                             f"({group_count} patient groups); use folds={group_count} or fewer")
 
     fold_of_group = np.empty(keys.size, dtype=np.int64)  # (g,)
     fold_total = np.zeros(folds, dtype=np.int64)  # (K,) images of any class per fold
@@ -114,7 +116,8 @@ def check_output_json(output_json: Path) -> Path:
 
 def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, *, how_many_training_steps: int,
                    learning_rate: float, train_batch_size: int, class_balancing: bool,
-                   positive_label: str | None = None, log: Callable[[str], None] = print) -> dict:
+                   positive_label: str | None = None, log: Callable[[str], None] = print,
+                   group_pattern: str | None = None) -> dict:
     """Stratified, group-aware K-fold cross-validation of the final layer on every image of `dataset`.
 
     Returns a JSON-serialisable dict: per_fold (fold, n_train, n_test, accuracy record), pooled (metrics.evaluate
@@ -124,7 +127,7 @@ def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, *, ho
     """
     labels, files = dataset.labels, dataset.files
     y = dataset.class_indices  # (n,)
-    fold_of = assign_folds(files, y, folds, rng, labels)  # (n,)
+    fold_of = assign_folds(files, y, folds, rng, labels, group_pattern)  # (n,)
     folds = int(folds)
     probabilities = np.zeros((len(files), len(labels)))  # (n, classes), each row filled by the fold holding it out
     per_fold = []
@@ -176,7 +179,8 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
     result = cross_validate(dataset, folds, np.random.default_rng(settings.random_seed),
                             how_many_training_steps=settings.how_many_training_steps,
                             learning_rate=settings.learning_rate, train_batch_size=settings.train_batch_size,
-                            class_balancing=settings.class_balancing, positive_label=settings.positive_label, log=log)
+                            class_balancing=settings.class_balancing, positive_label=settings.positive_label, log=log,
+                            group_pattern=settings.group_pattern)
     result["random_seed"] = settings.random_seed
     _warn_about_identical_images(dataset, result["predictions"], log)
     write_bytes_atomically(output_json, (json.dumps(result, indent=2) + "\n").encode())

@@ -62,7 +62,7 @@ def run_demo(output_dir: Path = Path("mini_retrain_demo"), backbone: Path | None
     results = []
     for title, names in (("2. Label the held-out X-rays", HELD_OUT), ("3. Label two photos that are not X-rays", PHOTOS)):
         log(f"== {title} ==")
-        for result in label_images(model, [DEMO_DATA / name for name in names], num_top_predictions=2, log=log):
+        for result in label_images(model, [DEMO_DATA / name for name in names], num_top_predictions=2):
             log("\n".join(format_result(result)))
             results.append(result)
     log("Sixteen images are far too few for a real model; see docs/shenzhen.md for the real experiment.")

@@ -81,14 +81,20 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
 
     # 6. Write everything.
     ood = fit_ood_model(train_x, train_y, len(labels))
+    internal_test = None if not evaluation["n"] else {
+        "n": evaluation["n"], "correct": evaluation["accuracy"]["successes"],
+        "accuracy": evaluation["accuracy"]["estimate"], "ci": evaluation["accuracy"]["ci"]}
     model = build_retrained_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name, ood,
-                                  settings.fast_decode)
+                                  settings.fast_decode, internal_test)
     write_retrained_graph(settings.output_graph, model)
     write_labels(settings.output_labels, labels)
     weights_path = settings.output_weights or settings.output_graph.with_suffix(".final_layer.npz")
     write_final_layer(weights_path, layer.weights, layer.biases, labels)
     evaluation["history"] = history
     evaluation["ood_threshold"] = float(ood.threshold)
+    # Which image went where, for an audit (one patient in two splits?): paths relative to image_dir.
+    evaluation["splits"] = {split: sorted(f for f, s in zip(dataset.files, dataset.splits) if s == split)
+                            for split in ("training", "validation", "testing")}
     metrics_path = settings.output_graph.with_suffix(".metrics.json")
     _write_text(metrics_path, json.dumps(evaluation, indent=2) + "\n")
     if settings.summaries_dir is not None:

@@ -147,10 +147,10 @@ def _batches(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[start : start + size]
 
 
-def _progress(done: int, total: int, started: float, stream=None) -> None:
+def progress_line(done: int, total: int, started: float, stream=None, title: str = "Creating bottlenecks") -> None:
     """0/total first, then a line per finished batch (already cached when printed); on a terminal, one line redrawn."""
     stream = stream or sys.stderr  # looked up now, so a redirected sys.stderr receives it
-    line = f"Creating bottlenecks: {done}/{total}"
+    line = f"{title}: {done}/{total}"
     if done:
         rate = done / max(time.perf_counter() - started, 1e-9)
         line += f" ({rate:.1f} images/s, about {(total - done) / rate:.0f} s left)"
@@ -216,7 +216,7 @@ def get_bottlenecks(
     if to_compute:
         started = time.perf_counter()
         done = 0
-        _progress(done, len(to_compute), started)
+        progress_line(done, len(to_compute), started)
 
         def decode(i: int) -> np.ndarray | BadImageError:
             try:
@@ -247,7 +247,7 @@ def get_bottlenecks(
                     new_keys.extend(batch_keys)
                     new_values.append(values)
                 done += len(batch)
-                _progress(done, len(to_compute), started)
+                progress_line(done, len(to_compute), started)
         compact_store(folder, log)
 
     for i, key in enumerate(keys):

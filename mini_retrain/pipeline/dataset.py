@@ -13,7 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mini_retrain.core.split import SPLITS, split_image_lists
+from mini_retrain.core.split import SPLITS, check_group_pattern, shared_id_warning, split_image_lists
 from mini_retrain.paths import cache_dir
 from mini_retrain.pipeline.backbone import Backbone, load_backbone
 from mini_retrain.pipeline.bottlenecks import get_bottlenecks
@@ -42,14 +42,18 @@ class Dataset(NamedTuple):
 def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print) -> Dataset:
     """Steps 1-3: find the images, split them, get their bottlenecks (cached); report duplicates.
 
-    Uses image_dir, validation_percentage, testing_percentage, backbone, device, bottleneck_dir, on_bad_image and
-    fast_decode of `settings`. The folder is listed and split before the backbone is loaded (or built), so a missing
-    folder, a single class or bad percentages are reported at once.
+    Uses image_dir, validation_percentage, testing_percentage, group_pattern, backbone, device, bottleneck_dir,
+    on_bad_image and fast_decode of `settings`. The folder is listed and split before the backbone is loaded (or
+    built), so a bad --group_pattern, a missing folder, a single class or bad percentages are reported at once.
+    Without a --group_pattern, file names that look like one patient's films say so (split.shared_id_warning).
     """
     image_dir = Path(settings.image_dir)
+    group_pattern = check_group_pattern(settings.group_pattern)
     image_lists, warnings = find_images(image_dir)
     splits, split_warnings = split_image_lists(image_lists, settings.validation_percentage,
-                                               settings.testing_percentage)
+                                               settings.testing_percentage, group_pattern)
+    if group_pattern is None:
+        split_warnings += [warning for warning in [shared_id_warning(image_lists)] if warning]
     backbone = load_backbone(settings.backbone, settings.device, log)
     for warning in warnings + split_warnings:
         log(warning)

@@ -8,7 +8,8 @@ it. We do the same with ONNX. To the backbone graph we add:
     ood_distance  = min_c sqrt((r - mu_c)^T P (r - mu_c)),  r = sign(pool_3) sqrt(|pool_3|)   # with an OOD model (ood.py)
 
 The outputs `pool_3` and `mixed_10` stay, for the OOD check and for class activation maps. The class labels, the
-OOD threshold and provenance go in the model's metadata, so `label` can check that a labels file belongs to the graph.
+OOD threshold, retrain's own test result (`internal_test`) and provenance go in the model's metadata, so `label` can
+check that a labels file belongs to the graph and `evaluate` can compare a new folder with the internal test.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ def build_retrained_model(
     final_tensor_name: str = "final_result",
     ood: Any | None = None,
     fast_decode: bool = False,
+    internal_test: dict | None = None,
 ):
     """The backbone graph with the final layer appended, as an onnx.ModelProto.
 
     fast_decode says how the training images were decoded (retrain --fast_decode); it goes into the metadata so that
-    `label` and `explain` prepare new images the same way."""
+    `label` and `explain` prepare new images the same way. internal_test is retrain's own test result,
+    {n, correct, accuracy, ci}, kept as JSON in the metadata so that `evaluate` can compare a new folder with it."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -80,6 +83,8 @@ def build_retrained_model(
     if ood is not None:
         _append_ood_distance(graph, bottleneck, ood)
         metadata["ood_threshold"] = repr(float(ood.threshold))
+    if internal_test is not None:
+        metadata["internal_test"] = json.dumps(internal_test)
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value

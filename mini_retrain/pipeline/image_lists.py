@@ -28,10 +28,11 @@ def label_for_folder(folder_name: str) -> str:
     return re.sub(r"[^a-z0-9]+", " ", folder_name.lower()).strip()
 
 
-def find_images(image_dir: str | Path) -> tuple[dict[str, list[str]], list[str]]:
+def find_images(image_dir: str | Path, min_classes: int = 2) -> tuple[dict[str, list[str]], list[str]]:
     """Return ({label: [relative paths, sorted]}, warnings), labels sorted; raise ValueError on a structure problem.
 
-    Images may sit in nested folders inside a class folder; all of them belong to that class.
+    Images may sit in nested folders inside a class folder; all of them belong to that class. Training needs two
+    classes at least; `evaluate` accepts a folder of one (min_classes=1), e.g. a hospital's tuberculosis films only.
     """
     image_dir = Path(image_dir)
     if not image_dir.exists():
@@ -62,7 +63,7 @@ def find_images(image_dir: str | Path) -> tuple[dict[str, list[str]], list[str]]
             warnings.append(f"WARNING: Folder {folder.name} has less than {MIN_IMAGES_PER_CLASS} images, which may cause issues.")
         image_lists[label] = files
         folder_of_label[label] = folder.name
-    if len(image_lists) < 2:
+    if len(image_lists) < min_classes:
         only = next(iter(image_lists))
         raise ValueError(
             f"{image_dir}: only one class ('{only}') was found; at least two class subfolders are needed to learn anything"
