@@ -17,10 +17,9 @@ from typing import Any
 import numpy as np
 
 from mini_retrain.errors import BadImageError
+from mini_retrain.evaluation.ood import OOD_WARNING  # explain prints the same words
 from mini_retrain.pipeline.retrained_graph import RetrainedModel, model_input
 
-OOD_WARNING = ("WARNING: this image is unlike the training images (out of distribution: distance {distance:.1f} > "
-               "threshold {threshold:.1f}); the scores above should not be trusted")
 
 
 def label_images(model: RetrainedModel, paths: list[Path], num_top_predictions: int = 5,
