@@ -53,12 +53,14 @@ def train_final_layer(
     distorted_bottlenecks: Callable[[np.ndarray], np.ndarray] | None = None,
     on_step: Callable[[int, FinalLayer], None] | None = None,
     class_balancing: bool = True,
+    on_evaluation: Callable[[dict], None] | None = None,
 ) -> tuple[FinalLayer, list[dict]]:
     """Train the final layer; return it and the per-evaluation history (dicts, one per logged step).
 
     train_bottlenecks (n, D) float32 with train_labels (n,) int; validation likewise (may be empty).
     distorted_bottlenecks(indices) -> (batch, D), when given, supplies the training batch instead of the cache.
-    on_step(step, layer) is called after every step (for intermediate graphs).
+    on_step(step, layer) is called after every step (for intermediate graphs); on_evaluation(row) with each history
+    row as it is made (for a progress display).
     class_balancing: True draws each batch as retrain.py does (a class uniformly, then one of its images:
     sampling.sample_batch); False draws every image with the same probability (sampling.uniform_batch).
     """
@@ -114,6 +116,8 @@ def train_final_layer(
                 row["validation_n"] = int(len(chosen))
                 log(f"Step {step}: Validation accuracy = {row['validation_accuracy'] * 100:.1f}% (N={len(chosen)})")
             history.append(row)
+            if on_evaluation is not None:
+                on_evaluation(row)
     return layer, history
 
 
