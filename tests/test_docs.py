@@ -368,8 +368,8 @@ def test_numbers_quoted_from_the_code(cli):
             f"{retrain['how_many_training_steps']} steps, learning rate {retrain['learning_rate']:g}, batches of "
             f"{retrain['train_batch_size']}, {retrain['validation_percentage']:g}% of images for validation and "
             f"{retrain['testing_percentage']:g}% for testing",
-            f"--learning_rates {sweep['learning_rates']} --training_steps {sweep['training_steps']} "
-            f"--class_balancing {sweep['class_balancing']}",
+            f"--learning_rates {sweep['learning_rates']} --how_many_training_steps {sweep['steps_grid']} "
+            f"--class_balancing {sweep['balancing_grid']}",
             f"default `--num_top_predictions {label['num_top_predictions']}`",
         ],
     }
@@ -472,9 +472,9 @@ def test_the_scoring_script_in_shenzhen_md(tmp_path, monkeypatch):
                record("normal/MCUCXR_0003_0.png", 0.2), record("normal/MCUCXR_0004_0.png", 0.4),
                {"image": "lungs_montgomery/normal/broken.png", "error": "not an image"}]
     (tmp_path / "montgomery.json").write_text(json.dumps(records))
-    (tmp_path / "retrained_labels.txt").write_text("abnormal\nnormal\n")
+    (tmp_path / "retrained_graph.labels.txt").write_text("abnormal\nnormal\n")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["score_labels.py", "montgomery.json", "retrained_labels.txt"])
+    monkeypatch.setattr(sys, "argv", ["score_labels.py", "montgomery.json", "retrained_graph.labels.txt"])
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
         exec(compile(scripts[0], "docs/shenzhen.md", "exec"), {"__name__": "__main__"})
