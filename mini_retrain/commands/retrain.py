@@ -27,7 +27,6 @@ import numpy as np
 from mini_retrain import __version__
 from mini_retrain.core.split import SPLITS
 from mini_retrain.core.train import FinalLayer, train_final_layer
-from mini_retrain.evaluation.metrics import FEW_IMAGES
 from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.pipeline.backbone import run_backbone
 from mini_retrain.pipeline.dataset import load_dataset
@@ -44,13 +43,13 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print,
 
     progress(row), when given, receives each evaluation row instead of the step lines going to `log` (the command
     line passes commands.progress.progress_line on a terminal)."""
+    check_settings(settings)  # every flag and output path, before the first image is decoded (or scipy imported)
+    outputs = output_files(settings)
+
     from mini_retrain.pipeline.export import build_retrained_model, write_final_layer, write_labels, write_retrained_graph
-    from mini_retrain.evaluation.metrics import evaluate, format_evaluation
+    from mini_retrain.evaluation.metrics import FEW_IMAGES, evaluate, format_evaluation
     from mini_retrain.evaluation.ood import fit_ood_model
     from mini_retrain.core.softmax_layer import compute_logits, softmax
-
-    check_settings(settings)  # every flag and output path, before the first image is decoded
-    outputs = output_files(settings)
 
     # 1-3. Images, their labels and splits, their bottlenecks.
     dataset = load_dataset(settings, log)
@@ -102,7 +101,7 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print,
                 log(f"{file:>70}  {predicted}")
         evaluation["misclassified"] = [{"file": f, "predicted": p, "true": t, "score": score}
                                        for f, p, t, score in misclassified]
-        small = small_test_classes(counts)
+        small = small_test_classes(counts, FEW_IMAGES)
         if small:
             log(f"NOTE: the test set holds only {small} image(s), fewer than {FEW_IMAGES} per class, so the "
                 f"intervals above are wide and rest on a few images; for an honest interval on every image, run "
@@ -154,9 +153,9 @@ def format_split(counts: dict[str, dict[str, int]]) -> str:
     return "Split: " + ", ".join(parts)
 
 
-def small_test_classes(counts: dict[str, dict[str, int]]) -> str:
-    """'2 normal and 1 pneumonia' when a class has fewer than FEW_IMAGES test images, else ''."""
-    if all(row["testing"] >= FEW_IMAGES for row in counts.values()):
+def small_test_classes(counts: dict[str, dict[str, int]], few: int) -> str:
+    """'2 normal and 1 pneumonia' when a class has fewer than `few` test images, else ''."""
+    if all(row["testing"] >= few for row in counts.values()):
         return ""
     return " and ".join(f"{row['testing']} {label}" for label, row in counts.items())
 
