@@ -241,7 +241,9 @@ def _html_table(header: list[str], rows: list[list[str]], caption: str, text_col
     """A table whose first column holds row headers; every cell is escaped. Numbers are right-aligned (so their
     digits line up), the columns in text_columns (prose, file names) left-aligned."""
     lines = [f"<table>\n<caption>{html.escape(caption)}</caption>",
-             "<tr>" + "".join(f'<th scope="col">{html.escape(cell)}</th>' for cell in header) + "</tr>"]
+             "<tr>" + "".join(f'<th scope="col" class="text">{html.escape(cell)}</th>' if column in text_columns
+                              else f'<th scope="col">{html.escape(cell)}</th>' for column, cell in enumerate(header))
+             + "</tr>"]
     for row in rows:
         lines.append(f'<tr><th scope="row">{html.escape(row[0])}</th>'
                      + "".join(f'<td class="text">{html.escape(cell)}</td>' if column in text_columns
@@ -380,8 +382,9 @@ def _misclassified_section(evaluation: dict, heat_maps: dict[str, str]) -> list[
     return ["<h2>Misclassified images</h2>",
             f"<table>\n<caption>{len(wrong)} of {evaluation['n']} test images, files relative to the data folder"
             "</caption>",
-            '<tr><th scope="col">File</th><th scope="col">True class</th><th scope="col">Predicted</th>'
-            '<th scope="col">Heat map</th></tr>', *rows, "</table>", _paragraph(hint)]
+            '<tr><th scope="col" class="text">File</th><th scope="col" class="text">True class</th>'
+            '<th scope="col" class="text">Predicted</th><th scope="col" class="text">Heat map</th></tr>', *rows,
+            "</table>", _paragraph(hint)]
 
 
 def _run_section(run: dict | None) -> list[str]:
@@ -394,7 +397,7 @@ def _run_section(run: dict | None) -> list[str]:
                   for label, row in classes.items()]
     class_rows.append(["all"] + [str(sum(row[split] for row in classes.values())) for split in splits]
                       + [str(sum(sum(row.values()) for row in classes.values()))])
-    facts = [["Command", run.get("command", "")], ["Data folder", run.get("image_dir", "")],
+    facts = [["Data folder", run.get("image_dir", "")],
              ["Random seed", str(run.get("random_seed", ""))], ["mini_retrain version", run.get("version", "")],
              ["Date", run.get("date", "")]]
     if run.get("ood_threshold") is not None:
@@ -404,7 +407,11 @@ def _run_section(run: dict | None) -> list[str]:
         facts.append(["Folds", str(run["folds"])])
     flags = [[f"--{name}", "(not given)" if value is None else str(value)]
              for name, value in run.get("flags", {}).items()]
+    # The command one flag per line, as a shell reads it (a browser would break lines inside "--flag_name").
+    words = run.get("command", "").split(" --")  # "mini_retrain retrain", "image_dir lungs", "learning_rate 0.1", ...
+    command = " \\\n    --".join([" --".join(words[:2]), *words[2:]])
     return ["<h2>Record of the run</h2>",
+            _paragraph("The command that repeats this run:"), f"<pre>{html.escape(command)}</pre>",
             _html_table(["", "Value"], facts, "What was run, on what, when", text_columns=(1,)),
             _html_table(["Class"] + splits + ["all"], class_rows, "Images per class and split (usable images)"),
             "<details><summary>Every flag</summary>",
@@ -438,7 +445,8 @@ STYLE = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1
          "table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #bbb;padding:.25em .6em;text-align:right}"
          "th[scope=row],td.text,th.text{text-align:left}caption{text-align:left;font-weight:bold}"
          "img{width:100%;height:auto}img.heat{width:12em}"
-         ".warning{border:2px solid #b00;padding:.5em 1em;background:#fff4f4}")
+         ".warning{border:2px solid #b00;padding:.5em 1em;background:#fff4f4}"
+         "pre{background:#f4f4f4;padding:.5em 1em;overflow-x:auto}")
 
 
 def _html_page(title: str, history: list[dict], evaluation: dict, labels: list[str], written: set[str],
