@@ -88,15 +88,15 @@ def label(graph: str | os.PathLike, images: ImageInput | Iterable[ImageInput],
 
 
 def explain(graph: str | os.PathLike, images: ImageInput | Iterable[ImageInput], output: str | os.PathLike,
-            labels: str | os.PathLike | None = None, *, label: str | None = None, device: str = "auto",
+            labels: str | os.PathLike | None = None, *, class_name: str | None = None, device: str = "auto",
             log: Callable[[str], None] = print) -> list[dict]:
     """`mini_retrain explain`: a class activation heat map per image; one dict each, {"image", "heat_map" (the PNG
     written), "label", "score", "logit", "bias", "cam_mean", "cam" (the 8x8 map)}.
 
-    output: a .png for one image, else a folder that receives <image name>.cam.png. label: explain this class
-    instead of the predicted one."""
+    output: a .png/.jpg for one image, else a folder that receives <image name>.cam.png. class_name: explain this
+    class instead of the predicted one."""
     items = _image_list(images)
-    return explain_images(Path(graph), items, Path(output), labels, label, device, log)
+    return explain_images(Path(graph), items, Path(output), labels, class_name, device, log)
 
 
 def evaluate(graph: str | os.PathLike, image_dir: str | os.PathLike, labels: str | os.PathLike | None = None, *,

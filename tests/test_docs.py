@@ -471,8 +471,8 @@ def test_numbers_quoted_from_the_code(cli):
             f"{retrain['how_many_training_steps']} steps, learning rate {retrain['learning_rate']:g}, batches of "
             f"{retrain['train_batch_size']}, {retrain['validation_percentage']:g}% of images for validation and "
             f"{retrain['testing_percentage']:g}% for testing",
-            f"--learning_rates {sweep['learning_rates']} --training_steps {sweep['training_steps']} "
-            f"--class_balancing {sweep['class_balancing']}",
+            f"--learning_rates {sweep['learning_rates']} --how_many_training_steps {sweep['steps_grid']} "
+            f"--class_balancing {sweep['balancing_grid']}",
             f"default `--num_top_predictions {label['num_top_predictions']}`",
         ],
     }

@@ -101,7 +101,9 @@ def test_the_checks_catch_a_circle_and_an_upward_import(tmp_path):
 
 # Where print() may be called: the command line, the default stderr log, and the progress line that a terminal
 # redraws in place (not a log line). Everything else speaks through a `log` callable its caller chooses.
-PRINT_ALLOWED = {"mini_retrain.cli", "mini_retrain.errors", "mini_retrain.pipeline.bottlenecks"}
+# label's own output is stdout itself (label_image's lines, or JSON records as they come), like cli's.
+PRINT_ALLOWED = {"mini_retrain.cli", "mini_retrain.errors", "mini_retrain.pipeline.bottlenecks",
+                 "mini_retrain.commands.label"}
 
 
 def _print_calls(path: Path) -> list[int]:

@@ -343,3 +343,118 @@ def test_bad_inputs_raise_one_line_value_errors(tmp_path):
     a_file.write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         write_report(a_file, [], evaluation, TWO_CLASSES)
+
+
+# ---------------------------------------------------------------- what a newcomer needs (issue 15)
+
+
+RUN = {"command": "mini_retrain retrain --image_dir /data/lungs --random_seed 3", "image_dir": "/data/lungs",
+       "classes": {"normal": {"training": 40, "validation": 5, "testing": 6},
+                   "pneumonia": {"training": 38, "validation": 4, "testing": 10}},
+       "flags": {"image_dir": "/data/lungs", "learning_rate": 0.01, "random_seed": 3, "report": None},
+       "random_seed": 3, "version": "9.9.9", "date": "2026-12-01T10:00:00+00:00", "ood_threshold": 42.5}
+
+
+def _small_evaluation():
+    """6 normal + 10 pneumonia test images, perfectly ranked: AUC 1.000 with a DeLong interval of 1.000-1.000."""
+    scores = np.r_[np.linspace(0.05, 0.3, 6), np.linspace(0.7, 0.95, 10)]
+    labels = np.r_[np.zeros(6, int), np.ones(10, int)]
+    return evaluate(np.c_[1 - scores, scores], labels, ["normal", "pneumonia"])
+
+
+def test_the_page_records_the_run(tmp_path, monkeypatch):
+    _hide_matplotlib(monkeypatch)
+    evaluation = dict(_small_evaluation(), run=RUN)
+    parsed = _parse(write_report(tmp_path, _history(), evaluation, ["normal", "pneumonia"]))
+    facts = dict((row[0], row[1]) for row in _table(parsed, "What was run")[1:])
+    assert facts["Data folder"] == "/data/lungs"
+    page = (tmp_path / "index.html").read_text()
+    assert "<pre>mini_retrain retrain --image_dir /data/lungs \\\n    --random_seed 3</pre>" in page
+    assert facts["Random seed"] == "3" and facts["mini_retrain version"] == "9.9.9"
+    assert facts["Date"] == RUN["date"] and facts["Out-of-distribution threshold"].startswith("42.50 ")
+    assert _table(parsed, "Images per class and split") == [
+        ["Class", "training", "validation", "testing", "all"], ["normal", "40", "5", "6", "51"],
+        ["pneumonia", "38", "4", "10", "52"], ["all", "78", "9", "16", "103"]]
+    assert ["--learning_rate", "0.01"] in _table(parsed, "Flags of the run")
+    assert ["--report", "(not given)"] in _table(parsed, "Flags of the run")
+
+
+def test_intervals_on_too_few_images_say_so(tmp_path, monkeypatch):
+    _hide_matplotlib(monkeypatch)
+    page = write_report(tmp_path, [], dict(_small_evaluation(), run=RUN), ["normal", "pneumonia"]).read_text()
+    assert "95% CI 1.000-1.000 (DeLong) on 10 + 6 images: too few to trust" in page
+    assert "(N=16, 95% CI 80.6-100.0%): on 16 images, too few to trust" in page
+    assert "run mini_retrain crossval --image_dir /data/lungs" in page
+    # With 30 and more images of each class, no such words.
+    probabilities, labels = _two_class_data(n=200)
+    page = write_report(tmp_path, [], evaluate(probabilities, labels, TWO_CLASSES), TWO_CLASSES).read_text()
+    assert "too few to trust" not in page and "(DeLong) on " in page
+
+
+def test_misclassified_images_are_listed_with_their_heat_maps(tmp_path, monkeypatch):
+    _hide_matplotlib(monkeypatch)
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    (maps / "b.cam.png").write_bytes(b"png")
+    evaluation = dict(_small_evaluation(), misclassified=[
+        {"file": "pneumonia/b.jpeg", "true": "pneumonia", "predicted": "normal", "score": 0.9},
+        {"file": "normal/<a>.jpeg", "true": "normal", "predicted": "pneumonia", "score": 0.6}])
+    index = write_report(tmp_path / "report", [], evaluation, ["normal", "pneumonia"],
+                         heat_maps={"pneumonia/b.jpeg": maps / "b.cam.png"})
+    parsed = _parse(index)
+    rows = _table(parsed, "2 of 16 test images")
+    assert rows[1][:3] == ["pneumonia/b.jpeg", "pneumonia", "normal (score = 0.90000)"]
+    assert rows[2][0] == "normal/<a>.jpeg"  # escaped on the page, read back unchanged
+    assert parsed.images == ["../maps/b.cam.png"] and (index.parent / parsed.images[0]).is_file()
+    page = write_report(tmp_path / "r2", [], dict(evaluation, misclassified=[]), ["normal", "pneumonia"]).read_text()
+    assert "None: every test image was classified right." in page
+
+
+def test_prose_is_left_aligned_and_plots_take_the_page_width(tmp_path, monkeypatch):
+    _hide_matplotlib(monkeypatch)
+    page = write_report(tmp_path, [], _small_evaluation(), ["normal", "pneumonia"]).read_text()
+    assert re.search(r"<td>16/16 right|<td class=\"text\">16/16 right", page)
+    assert '<td class="text">16/16 right' in page  # the Detail column
+    assert "td.text" in page and "text-align:left" in page and "img{width:100%" in page
+
+
+def test_missing_matplotlib_is_said_on_the_console_too(tmp_path, monkeypatch):
+    _hide_matplotlib(monkeypatch)
+    said = []
+    write_report(tmp_path, [], _small_evaluation(), ["normal", "pneumonia"], log=said.append)
+    assert said == [f"WARNING: the report has no plots, only tables: matplotlib is missing; {INSTALL_HINT}"]
+
+
+@pytest.mark.parametrize("names", [["normal", "pneumonia"], ["no finding", "pleural effusion", "pneumonia"]])
+def test_no_text_of_any_plot_is_cut_off_at_the_figure_edge(names):
+    """The confusion matrix's "true class" label sat left of the figure with a class called "pneumonia"."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from mini_retrain.evaluation import report
+
+    rng = np.random.default_rng(1)
+    labels = np.arange(40) % len(names)
+    probabilities = rng.dirichlet(np.ones(len(names)), 40)
+    evaluation = evaluate(probabilities, labels, names)
+    figures = [report._confusion_matrix_figure(evaluation, names), report._reliability_figure(evaluation),
+               report._learning_curves_figure(_history())]
+    if len(names) == 2:
+        figures.append(report._roc_curve_figure(evaluation))
+    for figure in figures:
+        FigureCanvasAgg(figure)
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        texts = []
+        for axes in figure.axes:
+            texts += [axes.title, axes.xaxis.label, axes.yaxis.label]
+            texts += axes.get_legend().get_texts() if axes.get_legend() else []
+            for axis in (axes.xaxis, axes.yaxis):  # only the ticks inside the axis limits are drawn
+                low, high = sorted(axis.get_view_interval())
+                texts += [tick.label1 for tick in axis.get_major_ticks() if low <= tick.get_loc() <= high]
+        texts = [t for t in texts if t.get_text() and t.get_visible()]
+        assert any(t.get_text() == "true class" for t in texts) or figure is not figures[0]
+        for text in texts:
+            box = text.get_window_extent(renderer)
+            assert box.x0 >= -0.5 and box.y0 >= -0.5, text.get_text()
+            assert box.x1 <= figure.bbox.x1 + 0.5 and box.y1 <= figure.bbox.y1 + 0.5, text.get_text()

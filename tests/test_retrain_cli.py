@@ -49,7 +49,7 @@ def trained(tmp_path_factory, real_backbone_path):
 
 
 def test_retrain_prints_retrain_py_lines(trained):
-    _, lines = trained
+    folder, lines = trained
     text = "\n".join(lines)
     for step in (0, 20, 40, 59):
         assert re.search(rf"^Step {step}: Train accuracy = \d+\.\d%$", text, re.M)
@@ -59,7 +59,13 @@ def test_retrain_prints_retrain_py_lines(trained):
     assert "=== MISCLASSIFIED TEST IMAGES ===" in text
     assert "Found 16 images in 2 classes: normal (8), pneumonia (8)" in text
     # retrain.py's 25% / 25% hash split of these 16 names leaves 10 training images (split.py, tested there)
-    assert re.search(r"^Trained 60 steps in \d+\.\d\d s \(10 training images, batch 16\)$", text, re.M)
+    assert ("Split: training 10 (normal 6, pneumonia 4), validation 4 (normal 1, pneumonia 3), "
+            "testing 2 (normal 1, pneumonia 1)") in lines
+    assert re.search(r"^Trained 60 steps in \d+\.\d\d s \(10 training images, batch 10: --train_batch_size 16 capped "
+                     r"at the training set\)$", text, re.M)
+    # Two test images: the intervals rest on too few, and crossval is the way to an honest one.
+    assert re.search(r"^NOTE: the test set holds only 1 normal and 1 pneumonia image\(s\), fewer than 30 per class, .*"
+                     rf"mini_retrain crossval --image_dir {re.escape(str(folder / 'images'))}$", text, re.M)
 
 
 def test_retrain_writes_graph_labels_weights_metrics_and_summaries(trained):
@@ -166,14 +172,52 @@ def test_explain_heat_map_mean_equals_logit_minus_bias(trained, tmp_path, capsys
     for class_index in (0, 1):
         result = explain_image(model, weights, biases, xray, tmp_path / f"heat{class_index}.png", class_index)
         assert result["cam_mean"] == pytest.approx(result["logit"] - result["bias"], rel=1e-4, abs=1e-4)
-    heat, original = Image.open(tmp_path / "heat0.png"), Image.open(xray)
-    assert heat.mode == "RGB" and max(heat.size) == min(1024, max(original.size))  # shrunk to at most 1024 px
-    assert heat.size[0] / heat.size[1] == pytest.approx(original.size[0] / original.size[1], rel=0.01)
+    heat, shrunk = Image.open(tmp_path / "heat0.png"), Image.open(xray)
+    shrunk.thumbnail((1024, 1024))  # shrunk to at most 1024 px, same aspect, with the legend strip below
+    assert heat.mode == "RGB" and heat.width == shrunk.width and shrunk.height < heat.height < 1.3 * shrunk.height
     # Through the CLI as well.
     output = tmp_path / "cli.png"
     assert main(["explain", "--graph", str(folder / "graph.onnx"), "--image", str(xray), "--output", str(output),
                  "--device", "cpu"]) == 0
     assert output.is_file() and "logit - bias" in capsys.readouterr().out
+
+
+def test_explain_warns_about_a_photo_as_label_does_and_draws_a_legend(trained, tmp_path, capsys):
+    from mini_retrain.evaluation.cam import colour_map
+
+    folder, _ = trained
+    graph = str(folder / "graph.onnx")
+    assert main(["label", "--graph", graph, "--image", str(CAT), "--device", "cpu"]) == 0
+    warning = [line for line in capsys.readouterr().out.splitlines() if line.startswith("WARNING: this image is unlike")]
+    assert len(warning) == 1
+    output = tmp_path / "heat.jpg"  # an image suffix: one file, never a folder named heat.jpg
+    assert main(["explain", "--graph", graph, "--image", str(CAT), "--output", str(output), "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == warning[0]
+    assert output.is_file()
+    picture = np.asarray(Image.open(output).convert("RGB"), dtype=np.int64)
+    original = Image.open(CAT)
+    assert picture.shape[1] == original.size[0] and picture.shape[0] > original.size[1]  # the legend strip below
+    legend = picture[original.size[1]:]
+    for end in (0.0, 1.0):  # both ends of the colour bar are drawn
+        colour = colour_map(np.array([end]))[0].astype(np.int64)
+        assert np.any(np.abs(legend - colour).sum(axis=2) < 30)
+    assert np.any((legend[..., 0] > 150) & (legend[..., 1] < 40) & (legend[..., 2] < 40))  # the red warning text
+
+
+def test_explain_output_is_a_file_for_one_image_and_a_folder_for_several(trained, tmp_path, capsys):
+    folder, _ = trained
+    graph = str(folder / "graph.onnx")
+    two = [str(p) for p in sorted(XRAYS.glob("normal/*.jpeg"))[:2]]
+    assert main(["explain", "--graph", graph, "--image", *two, "--output", str(tmp_path / "two.png")]) == 2
+    assert "--output " in capsys.readouterr().err and not (tmp_path / "two.png").exists()
+    assert main(["explain", "--graph", graph, "--image", *two, "--output", str(tmp_path / "maps"), "--device",
+                 "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == sorted(f"{Path(p).stem}.cam.png" for p in two)
+    assert main(["explain", "--graph", graph, "--image", two[0], "--output", str(tmp_path / "one.JPEG"),
+                 "--class_name", "pneumonia", "--device", "cpu"]) == 0
+    assert (tmp_path / "one.JPEG").is_file() and ": pneumonia (score = " in capsys.readouterr().out
+    assert main(["explain", "--graph", graph, "--image", two[0], "--class_name", "cat"]) == 2
+    assert "--class_name 'cat' is not one of the graph's labels" in capsys.readouterr().err
 
 
 def test_second_run_uses_the_cache(trained, real_backbone_path, capsys):

@@ -90,8 +90,8 @@ def test_parse_grid_and_its_messages():
            (("-1", "5", "on"), "learning_rates: '-1' is not a positive number"),
            (("fast", "5", "on"), "learning_rates: 'fast' is not a positive number"),
            (("nan", "5", "on"), "learning_rates: 'nan' is not a positive number"),
-           (("0.1", "0", "on"), "training_steps: '0' is not a whole number >= 1"),
-           (("0.1", "1.5", "on"), "training_steps: '1.5' is not a whole number >= 1"),
+           (("0.1", "0", "on"), "how_many_training_steps: '0' is not a whole number >= 1"),
+           (("0.1", "1.5", "on"), "how_many_training_steps: '1.5' is not a whole number >= 1"),
            (("0.1", "5", "yes"), "class_balancing: 'yes' is neither 'on' nor 'off'")]
     for arguments, message in bad:
         with pytest.raises(ValueError, match=re.escape(message)):
@@ -121,7 +121,7 @@ def split_dataset(test_labels_flipped: bool, test_noise_seed: int | None = None)
                    [f"k{i}" for i in range(n)], None)
 
 
-GRID = dict(learning_rates=[1e-7, 0.5], training_steps=[1, 200], class_balancing=[False, True], random_seed=0)
+GRID = dict(learning_rates=[1e-7, 0.5], how_many_training_steps=[1, 200], class_balancing=[False, True], random_seed=0)
 
 
 def test_the_test_split_never_influences_the_choice(monkeypatch):
@@ -154,7 +154,7 @@ def test_grid_search_rows_table_and_winner_follow_the_rule():
     lines = []
     result = grid_search(split_dataset(False), **GRID, train_batch_size=20, log=lines.append)
     rows = result["settings"]
-    assert [(r["learning_rate"], r["training_steps"], r["class_balancing"]) for r in rows] == [
+    assert [(r["learning_rate"], r["how_many_training_steps"], r["class_balancing"]) for r in rows] == [
         (rate, steps, balancing) for rate in (1e-7, 0.5) for steps in (1, 200) for balancing in ("off", "on")]
     assert all(r["validation_accuracy"]["n"] == 20 for r in rows)
     # The winner by the rule, worked out here with a sort: most correct, then lowest loss, then grid order.
@@ -188,7 +188,7 @@ def test_sweep_cli_on_the_demo_xrays(tmp_path, real_backbone_path, capsys):
     common = ["--image_dir", str(image_dir), "--backbone", str(real_backbone_path), "--device", "cpu",
               "--bottleneck_dir", str(tmp_path / "bottlenecks"), "--output_json", str(output)]
     code = main(["sweep", *common, "--validation_percentage", "25", "--testing_percentage", "25",
-                 "--learning_rates", "0.001,0.1", "--training_steps", "5,50", "--train_batch_size", "16"])
+                 "--learning_rates", "0.001,0.1", "--how_many_training_steps", "5,50", "--train_batch_size", "16"])
     assert code == 0
     text = capsys.readouterr().out
     # retrain.py's hash split at 25% / 25% of these 16 files: 4 validation, 2 test (split.py, tested there).
@@ -201,12 +201,13 @@ def test_sweep_cli_on_the_demo_xrays(tmp_path, real_backbone_path, capsys):
     assert re.search(r"^Chosen on validation only .*: learning_rate [\d.]+, \d+ steps, class balancing (on|off)$",
                      text, re.M)
     assert re.search(r"^Final test accuracy = \d+\.\d% \(N=2, 95% CI [\d.]+-[\d.]+%\)$", text, re.M)
-    # The winner's retrain command is printed, and retrain accepts it as it stands (here with the test's folders).
-    command = re.search(r"^To retrain with these settings: mini_retrain (retrain --image_dir DIR .*)$", text, re.M)
-    winner_flags = command.group(1).split()[3:]
+    # The winner's retrain command is printed with the folder the sweep ran on, and retrain accepts it as it stands.
+    command = re.search(r"^To retrain with these settings: mini_retrain (retrain --image_dir (\S+) .*)$", text, re.M)
+    assert command.group(2) == str(image_dir)
+    winner_flags = command.group(1).split()[1:]
     assert winner_flags[winner_flags.index("--class_balancing") + 1] in ("on", "off")
     graph = tmp_path / "winner.onnx"
-    assert main(["retrain", "--image_dir", str(image_dir), *winner_flags, "--output_graph", str(graph),
+    assert main(["retrain", *winner_flags, "--output_graph", str(graph),
                  "--output_labels", str(tmp_path / "winner.txt"), "--backbone", str(real_backbone_path),
                  "--device", "cpu", "--bottleneck_dir", str(tmp_path / "bottlenecks")]) == 0
     assert graph.exists()
@@ -222,6 +223,7 @@ def test_sweep_cli_on_the_demo_xrays(tmp_path, real_backbone_path, capsys):
     assert table[best][4] == f"{rows[best]['validation_cross_entropy']:.4f}"
 
     # A bad grid value: one line, exit code 2, before any image is read.
-    assert main(["sweep", *common, "--training_steps", "500,lots"]) == 2
+    assert main(["sweep", *common, "--how_many_training_steps", "500,lots"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
-        "mini_retrain: error: --training_steps: 'lots' is not a whole number >= 1; e.g. --training_steps 500,4000"]
+        "mini_retrain: error: --how_many_training_steps: 'lots' is not a whole number >= 1; "
+        "e.g. --how_many_training_steps 500,4000"]

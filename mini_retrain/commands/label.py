@@ -24,13 +24,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from mini_retrain.evaluation.ood import OOD_WARNING  # explain prints the same words
 from mini_retrain.pipeline.bottlenecks import progress_line
 from mini_retrain.pipeline.retrained_graph import DISTANCE_OUTPUTS, Prediction, RetrainedModel, flags, predict_images
 
 NUM_TOP_PREDICTIONS = 5  # label_image's default: the five most likely labels
 
-OOD_WARNING = ("WARNING: this image is unlike the training images (out of distribution: distance {distance:.1f} > "
-               "threshold {threshold:.1f}); the scores above should not be trusted")
 # The warning printed under an image for each flag of retrained_graph.DISTANCE_OUTPUTS (its distance, threshold).
 WARNINGS = {"out_of_distribution": OOD_WARNING}
 PROGRESS_ABOVE = 50  # a run over more images than this shows a progress line even when stderr is not a terminal

@@ -6,36 +6,50 @@
     4. train             softmax layer, cross-entropy, gradient descent, random batches   (train.py)
     5. test              "Final test accuracy = X% (N=M)", with confidence intervals  (metrics.py)
     6. write             the graph (backbone + final layer + OOD distance), labels, weights, metrics  (export.py)
+
+Before step 1, settings.check_settings checks every flag and output path, so nothing fails after the bottlenecks.
+Every output goes beside --output_graph, named after it (settings.output_files). The log says the split sizes, and
+points to crossval when a test class holds fewer than metrics.FEW_IMAGES images.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from mini_retrain import __version__
+from mini_retrain.core.split import SPLITS
 from mini_retrain.core.train import FinalLayer, train_final_layer
-from mini_retrain.paths import cache_dir, write_bytes_atomically
+from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.pipeline.backbone import run_backbone
 from mini_retrain.pipeline.dataset import load_dataset
-from mini_retrain.settings import RetrainSettings
+from mini_retrain.settings import RetrainSettings, check_settings, output_files
 
 
 def _write_text(path: Path, text: str) -> None:
     write_bytes_atomically(path, text.encode())
 
 
-def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> dict:
-    """Run the whole of retrain.py; return the test evaluation (also written as JSON beside the graph)."""
+def retrain(settings: RetrainSettings, log: Callable[[str], None] = print,
+            progress: Callable[[dict], None] | None = None) -> dict:
+    """Run the whole of retrain.py; return the test evaluation (also written as JSON beside the graph).
+
+    progress(row), when given, receives each evaluation row instead of the step lines going to `log` (the command
+    line passes commands.progress.progress_line on a terminal)."""
+    check_settings(settings)  # every flag and output path, before the first image is decoded (or scipy imported)
+    outputs = output_files(settings)
+
     from mini_retrain.pipeline.export import build_retrained_model, write_final_layer, write_labels, write_retrained_graph
-    from mini_retrain.evaluation.metrics import evaluate, format_evaluation
+    from mini_retrain.evaluation.metrics import FEW_IMAGES, evaluate, format_evaluation
     from mini_retrain.evaluation.ood import fit_ood_model
     from mini_retrain.core.softmax_layer import compute_logits, softmax
-
-    _check_outputs_writable(settings)
 
     # 1-3. Images, their labels and splits, their bottlenecks.
     dataset = load_dataset(settings, log)
@@ -43,21 +57,32 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
     train_x, train_y, train_files = dataset.split("training")
     validation_x, validation_y, _ = dataset.split("validation")
     test_x, test_y, test_files = dataset.split("testing")
+    counts = split_counts(dataset)
+    log(format_split(counts))
 
     # 4. Train.
     rng = np.random.default_rng(settings.random_seed)
     distorted = _distorted_bottlenecks(settings, backbone, train_files, rng) if _wants_distortions(settings) else None
-    on_step = _intermediate_writer(settings, backbone, labels, log) if settings.intermediate_store_frequency > 0 else None
+    step_log = (lambda line: None) if progress is not None else log
+    on_step, intermediate = (_intermediate_writer(settings, backbone, labels, step_log)
+                             if settings.intermediate_store_frequency > 0 else (None, []))
+    # Drawing 16 images with replacement from 8 is no bigger a batch than the 8 themselves: cap it.
+    batch_size = min(settings.train_batch_size, len(train_y))
     started = time.perf_counter()
     layer, history = train_final_layer(
         train_x, train_y, validation_x, validation_y, len(labels), rng,
         how_many_training_steps=settings.how_many_training_steps, learning_rate=settings.learning_rate,
-        train_batch_size=settings.train_batch_size, validation_batch_size=settings.validation_batch_size,
-        eval_step_interval=settings.eval_step_interval, log=log, distorted_bottlenecks=distorted, on_step=on_step,
-        class_balancing=settings.class_balancing,
+        train_batch_size=batch_size, validation_batch_size=settings.validation_batch_size,
+        eval_step_interval=settings.eval_step_interval, log=step_log, distorted_bottlenecks=distorted,
+        on_step=on_step, class_balancing=settings.class_balancing, on_evaluation=progress,
     )
+    capped = (f"batch {batch_size}: --train_batch_size {settings.train_batch_size} capped at the training set"
+              if batch_size < settings.train_batch_size else f"batch {batch_size}")
     log(f"Trained {settings.how_many_training_steps} steps in {time.perf_counter() - started:.2f} s "
-        f"({len(train_y)} training images, batch {settings.train_batch_size})")
+        f"({len(train_y)} training images, {capped})")
+    if intermediate:
+        log(f"Wrote {len(intermediate)} intermediate graphs (the final layer only, without the backbone) to "
+            f"{outputs['intermediate_graphs']}")
 
     # 5. Test, once, on images the training never saw.
     if len(test_y):
@@ -68,13 +93,19 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
         for line in format_evaluation(evaluation):
             log(line)
         predictions = probabilities.argmax(axis=1)
-        misclassified = [(test_files[i], labels[p], labels[test_y[i]])
-                         for i, p in zip(chosen, predictions) if p != test_y[i]]
+        misclassified = [(test_files[i], labels[p], labels[test_y[i]], float(probabilities[j, p]))
+                         for j, (i, p) in enumerate(zip(chosen, predictions)) if p != test_y[i]]
         if settings.print_misclassified_test_images:
             log("=== MISCLASSIFIED TEST IMAGES ===")
-            for file, predicted, _true in misclassified:
+            for file, predicted, _true, _score in misclassified:
                 log(f"{file:>70}  {predicted}")
-        evaluation["misclassified"] = [{"file": f, "predicted": p, "true": t} for f, p, t in misclassified]
+        evaluation["misclassified"] = [{"file": f, "predicted": p, "true": t, "score": score}
+                                       for f, p, t, score in misclassified]
+        small = small_test_classes(counts, FEW_IMAGES)
+        if small:
+            log(f"NOTE: the test set holds only {small} image(s), fewer than {FEW_IMAGES} per class, so the "
+                f"intervals above are wide and rest on a few images; for an honest interval on every image, run "
+                f"mini_retrain crossval --image_dir {shlex.quote(str(settings.image_dir))}")
     else:
         log("WARNING: no test images (raise --testing_percentage); no final test accuracy")
         evaluation, misclassified = {"n": 0}, []
@@ -86,55 +117,87 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
         "accuracy": evaluation["accuracy"]["estimate"], "ci": evaluation["accuracy"]["ci"]}
     model = build_retrained_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name, ood,
                                   settings.fast_decode, internal_test)
-    write_retrained_graph(settings.output_graph, model)
-    write_labels(settings.output_labels, labels)
-    weights_path = settings.output_weights or settings.output_graph.with_suffix(".final_layer.npz")
-    write_final_layer(weights_path, layer.weights, layer.biases, labels)
+    write_retrained_graph(outputs["graph"], model)
+    write_labels(outputs["labels"], labels)
+    write_final_layer(outputs["weights"], layer.weights, layer.biases, labels)
     evaluation["history"] = history
     evaluation["ood_threshold"] = float(ood.threshold)
+    evaluation["run"] = run_record(settings, "retrain", counts, ood_threshold=float(ood.threshold))
     # Which image went where, for an audit (one patient in two splits?): paths relative to image_dir.
     evaluation["splits"] = {split: sorted(f for f, s in zip(dataset.files, dataset.splits) if s == split)
                             for split in ("training", "validation", "testing")}
-    metrics_path = settings.output_graph.with_suffix(".metrics.json")
-    _write_text(metrics_path, json.dumps(evaluation, indent=2) + "\n")
+    _write_text(outputs["metrics"], json.dumps(evaluation, indent=2) + "\n")
     if settings.summaries_dir is not None:
         _write_summaries(settings.summaries_dir, history)
-    if settings.report is not None:
-        from mini_retrain.evaluation.report import write_report
-
-        log(f"Wrote report {write_report(settings.report, history, evaluation, labels)}")
+    heat_maps = {}
     if settings.explain_misclassified is not None and misclassified:
         from mini_retrain.evaluation.cam import explain_images
 
-        explain_images(settings.output_graph, [settings.image_dir / f for f, _, _ in misclassified],
-                       settings.explain_misclassified, log=log)
-    log(f"Wrote {settings.output_graph}, {settings.output_labels}, {weights_path} and {metrics_path}")
+        explained = explain_images(outputs["graph"], [settings.image_dir / f for f, *_ in misclassified],
+                                   settings.explain_misclassified, log=log)
+        heat_maps = {file: Path(result["heat_map"]) for (file, *_), result in zip(misclassified, explained)}
+    if settings.report is not None:
+        from mini_retrain.evaluation.report import write_report
+
+        log(f"Wrote report {write_report(settings.report, history, evaluation, labels, heat_maps=heat_maps, log=log)}")
+    log(f"Wrote {outputs['graph']}, {outputs['labels']}, {outputs['weights']} and {outputs['metrics']}")
     return evaluation
 
 
-def _check_outputs_writable(settings: RetrainSettings) -> None:
-    """Fail before hours of work, not after: the folder of each output file, and each output folder (the bottleneck
-    cache included), must exist (or be creatable) and be writable; an output file must not be an existing folder."""
-    files = [path for path in (settings.output_graph, settings.output_labels, settings.output_weights) if path]
-    folders = [settings.summaries_dir, settings.bottleneck_dir or cache_dir() / "bottlenecks",
-               settings.explain_misclassified,
-               settings.intermediate_output_graphs_dir if settings.intermediate_store_frequency > 0 else None]
-    for path in files:
-        if Path(path).is_dir():
-            raise ValueError(f"{path}: is a folder, not a file name; choose another output path")
-    targets = [(path, Path(path).resolve().parent) for path in files] + \
-        [(folder, Path(folder).resolve()) for folder in folders if folder]
-    for path, folder in targets:
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            probe = folder / f".mini_retrain_write_test_{id(settings)}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as error:
-            # Below a regular file, mkdir says "File exists" or "Not a directory": name the file instead.
-            blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-            reason = f"{blocking} is a file, not a folder" if blocking else f"cannot write there ({error.strerror})"
-            raise ValueError(f"{path}: {reason}; choose another output path") from None
+def split_counts(dataset) -> dict[str, dict[str, int]]:
+    """{label: {"training": n, "validation": n, "testing": n}} of the usable images."""
+    return {label: {split: int(np.sum((dataset.class_indices == c) & (dataset.splits == split))) for split in SPLITS}
+            for c, label in enumerate(dataset.labels)}
+
+
+def format_split(counts: dict[str, dict[str, int]]) -> str:
+    """'Split: training 10 (normal 5, pneumonia 5), validation 3 (...), testing 3 (...)'."""
+    parts = []
+    for split in SPLITS:
+        total = sum(row[split] for row in counts.values())
+        parts.append(f"{split} {total} (" + ", ".join(f"{label} {row[split]}" for label, row in counts.items()) + ")")
+    return "Split: " + ", ".join(parts)
+
+
+def small_test_classes(counts: dict[str, dict[str, int]], few: int) -> str:
+    """'2 normal and 1 pneumonia' when a class has fewer than `few` test images, else ''."""
+    if all(row["testing"] >= few for row in counts.values()):
+        return ""
+    return " and ".join(f"{row['testing']} {label}" for label, row in counts.items())
+
+
+def run_record(settings: RetrainSettings, command: str, counts: dict[str, dict[str, int]],
+               skip: tuple[str, ...] = (), extra_flags: tuple[str, ...] = (), **extra) -> dict:
+    """What the report and the metrics JSON say about the run: the command that repeats it, the data (class counts
+    per split), every flag, seed, version and date; `extra` adds entries (the OOD threshold, crossval's folds)."""
+    flags = {}
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if field.name in skip:
+            continue
+        if field.name == "class_balancing":
+            value = "on" if value else "off"
+        flags[field.name] = None if value is None else value if isinstance(value, bool | int | float) else str(value)
+    return {"command": " ".join([command_line(settings, command, skip), *extra_flags]),
+            "image_dir": str(Path(settings.image_dir).resolve()), "classes": counts,
+            "flags": flags, "random_seed": settings.random_seed, "version": __version__,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), **extra}
+
+
+def command_line(settings: RetrainSettings, command: str, skip: tuple[str, ...] = ()) -> str:
+    """The command that repeats this run: `mini_retrain retrain --image_dir lungs` + every flag not at its default."""
+    words = ["mini_retrain", command, "--image_dir", shlex.quote(str(settings.image_dir))]
+    for field in dataclasses.fields(settings):
+        value = getattr(settings, field.name)
+        if field.name == "image_dir" or field.name in skip or value == field.default:
+            continue
+        if field.name == "class_balancing":
+            words += ["--class_balancing", "on" if value else "off"]
+        elif isinstance(value, bool):
+            words.append(f"--{field.name}")
+        else:
+            words += [f"--{field.name}", shlex.quote(f"{value:g}" if isinstance(value, float) else str(value))]
+    return " ".join(words)
 
 
 def _wants_distortions(settings: RetrainSettings) -> bool:
@@ -172,17 +235,23 @@ def _distorted_bottlenecks(settings: RetrainSettings, backbone, train_files: lis
 
 
 def _intermediate_writer(settings: RetrainSettings, backbone, labels: list[str], log: Callable[[str], None]):
-    from mini_retrain.pipeline.export import build_retrained_model, write_retrained_graph
+    """on_step for --intermediate_store_frequency N: every N steps, the final layer as a small ONNX graph (no backbone
+    copy: see export.build_final_layer_model); returns (on_step, the list of paths written so far)."""
+    from mini_retrain.pipeline.export import build_final_layer_model, write_retrained_graph
+
+    folder = output_files(settings)["intermediate_graphs"]
+    written: list[Path] = []
 
     def on_step(step: int, layer: FinalLayer) -> None:
         if step > 0 and step % settings.intermediate_store_frequency == 0:
-            path = settings.intermediate_output_graphs_dir / f"intermediate_{step}.onnx"
-            model = build_retrained_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name,
-                                          fast_decode=settings.fast_decode)
+            path = folder / f"intermediate_{step}.onnx"
+            model = build_final_layer_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name,
+                                            settings.fast_decode, step)
             write_retrained_graph(path, model)
+            written.append(path)
             log(f"Save intermediate result to : {path}")
 
-    return on_step
+    return on_step, written
 
 
 def _write_summaries(folder: Path, history: list[dict]) -> None:

@@ -1,6 +1,6 @@
 """A grid search over the final layer's settings: chosen on the validation split only, then tested once.
 
-    for learning_rate in --learning_rates, steps in --training_steps, balancing in --class_balancing:
+    for learning_rate in --learning_rates, steps in --how_many_training_steps, balancing in --class_balancing:
         train the final layer on the training split        (the same seed for every setting: only the setting differs)
         accuracy and cross-entropy on the WHOLE validation split
     winner = highest validation accuracy (ties: lowest validation cross-entropy, then the first in the grid)
@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.commands.crossval import check_output_json
 from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
 from mini_retrain.pipeline.dataset import Dataset, load_dataset
-from mini_retrain.settings import RetrainSettings
+from mini_retrain.settings import RetrainSettings, bottleneck_folder, check_writable
 from mini_retrain.core.softmax_layer import compute_logits, cross_entropy, softmax
 from mini_retrain.core.train import FinalLayer, train_layer
 
@@ -57,12 +57,12 @@ def _validation_row(layer: FinalLayer, bottlenecks: np.ndarray, labels: np.ndarr
     return {"estimate": successes / n, "successes": successes, "n": n, "ci": [low, high]}, cross_entropy(logits, labels)
 
 
-def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: list[int],
+def grid_search(dataset: Dataset, learning_rates: list[float], how_many_training_steps: list[int],
                 class_balancing: list[bool], *, random_seed: int, train_batch_size: int,
                 positive_label: str | None = None, log: Callable[[str], None] = print) -> dict:
     """Train every setting of the grid on the training split, choose on validation, test the winner once.
 
-    Returns a JSON-serialisable dict: settings (one row per setting, grid order: learning_rate, training_steps,
+    Returns a JSON-serialisable dict: settings (one row per setting, grid order: learning_rate, how_many_training_steps,
     class_balancing, validation_accuracy, validation_cross_entropy), chosen_index, chosen, and test
     (metrics.evaluate of the winner on the test split; None when there are no test images).
     """
@@ -72,14 +72,15 @@ def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: l
         raise ValueError(f"{dataset.image_dir}: no validation images to choose on; raise validation_percentage")
 
     rows, layers = [], []
-    for learning_rate, steps, balanced in itertools.product(learning_rates, training_steps, class_balancing):
+    batch_size = min(train_batch_size, int(train_y.size))  # capped at the training set, as in retrain
+    for learning_rate, steps, balanced in itertools.product(learning_rates, how_many_training_steps, class_balancing):
         # A fresh generator with the same seed for every setting: the same initial weights and, for the same
         # sampler, the same batches, so the settings differ only in what the grid changes.
         rng = np.random.default_rng(random_seed)
         layer = train_layer(train_x, train_y, len(dataset.labels), rng, how_many_training_steps=steps,
-                            learning_rate=learning_rate, train_batch_size=train_batch_size, class_balancing=balanced)
+                            learning_rate=learning_rate, train_batch_size=batch_size, class_balancing=balanced)
         accuracy, validation_cross_entropy = _validation_row(layer, validation_x, validation_y)
-        rows.append({"learning_rate": learning_rate, "training_steps": steps,
+        rows.append({"learning_rate": learning_rate, "how_many_training_steps": steps,
                      "class_balancing": "on" if balanced else "off", "validation_accuracy": accuracy,
                      "validation_cross_entropy": validation_cross_entropy})
         layers.append(layer)
@@ -88,7 +89,7 @@ def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: l
         log(line)
     chosen = rows[best]
     log(f"Chosen on validation only (highest accuracy; ties: lowest cross-entropy): learning_rate "
-        f"{chosen['learning_rate']:g}, {chosen['training_steps']} steps, class balancing {chosen['class_balancing']}")
+        f"{chosen['learning_rate']:g}, {chosen['how_many_training_steps']} steps, class balancing {chosen['class_balancing']}")
 
     # Only now, with the winner fixed, are the test images read: once, for one setting.
     test_x, test_y, _ = dataset.split("testing")
@@ -116,7 +117,7 @@ def _table(rows: list[dict], best: int) -> list[str]:
              f"  {'learning_rate':>13}  {'steps':>6}  {'class_balancing':>15}  {'validation accuracy':<{width}}  "
              "cross-entropy"]
     for i, (row, accuracy) in enumerate(zip(rows, accuracies)):
-        lines.append(f"{'*' if i == best else ' '} {row['learning_rate']:>13g}  {row['training_steps']:>6d}  "
+        lines.append(f"{'*' if i == best else ' '} {row['learning_rate']:>13g}  {row['how_many_training_steps']:>6d}  "
                      f"{row['class_balancing']:>15}  {accuracy:<{width}}  {row['validation_cross_entropy']:.4f}")
     return lines
 
@@ -128,7 +129,7 @@ def _items(text: str, name: str, example: str) -> list[str]:
     return items
 
 
-def parse_grid(learning_rates: str, training_steps: str, class_balancing: str) -> tuple[list[float], list[int],
+def parse_grid(learning_rates: str, how_many_training_steps: str, class_balancing: str) -> tuple[list[float], list[int],
                                                                                          list[bool]]:
     """The three comma-separated grid flags as lists: "0.001,0.01" -> [0.001, 0.01]; "off,on" -> [False, True]."""
     rates = []
@@ -142,9 +143,10 @@ def parse_grid(learning_rates: str, training_steps: str, class_balancing: str) -
                              "e.g. learning_rates=0.001,0.01,0.1")
         rates.append(rate)
     steps = []
-    for item in _items(training_steps, "training_steps", "500,4000"):
+    for item in _items(how_many_training_steps, "how_many_training_steps", "500,4000"):
         if not (item.isdigit() and int(item) >= 1):
-            raise ValueError(f"training_steps: {item!r} is not a whole number >= 1; e.g. training_steps=500,4000")
+            raise ValueError(f"how_many_training_steps: {item!r} is not a whole number >= 1; "
+                             "e.g. how_many_training_steps=500,4000")
         steps.append(int(item))
     balancing = []
     for item in _items(class_balancing, "class_balancing", "off,on"):
@@ -154,23 +156,32 @@ def parse_grid(learning_rates: str, training_steps: str, class_balancing: str) -
     return rates, steps, balancing
 
 
-def sweep(settings: RetrainSettings, learning_rates: list[float], training_steps: list[int],
+def sweep(settings: RetrainSettings, learning_rates: list[float], how_many_training_steps: list[int],
           class_balancing: list[bool], output_json: Path = Path("sweep.json"),
           log: Callable[[str], None] = print) -> dict:
     """`mini_retrain sweep`: load the bottlenecks (cached) and the hash split, run the grid search, write the JSON.
 
     Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, validation_percentage, testing_percentage,
-    train_batch_size, random_seed and positive_label of `settings`.
+    train_batch_size, random_seed and positive_label of `settings`. Every flag and output is checked before the
+    first image is decoded.
     """
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
+    check_writable(bottleneck_folder(settings), "--bottleneck_dir", is_folder=True)
     dataset = load_dataset(settings, log)
-    result = grid_search(dataset, learning_rates, training_steps, class_balancing, random_seed=settings.random_seed,
-                         train_batch_size=settings.train_batch_size, positive_label=settings.positive_label, log=log)
-    chosen = result["chosen"]
-    log(f"To retrain with these settings: mini_retrain retrain --image_dir DIR --learning_rate {chosen['learning_rate']:g} "
-        f"--how_many_training_steps {chosen['training_steps']} --class_balancing {chosen['class_balancing']} "
-        f"--train_batch_size {settings.train_batch_size} --validation_percentage {settings.validation_percentage:g} "
-        f"--testing_percentage {settings.testing_percentage:g} --random_seed {settings.random_seed}")
+    result = grid_search(dataset, learning_rates, how_many_training_steps, class_balancing,
+                         random_seed=settings.random_seed, train_batch_size=settings.train_batch_size,
+                         positive_label=settings.positive_label, log=log)
+    log("To retrain with these settings: " + retrain_command(settings, result["chosen"]))
     write_bytes_atomically(output_json, (json.dumps(result, indent=2) + "\n").encode())
     log(f"Wrote {output_json}")
     return result
+
+
+def retrain_command(settings: RetrainSettings, chosen: dict) -> str:
+    """The retrain command with the winner's settings, on the folder the sweep ran on."""
+    return (f"mini_retrain retrain --image_dir {shlex.quote(str(settings.image_dir))} "
+            f"--learning_rate {chosen['learning_rate']:g} "
+            f"--how_many_training_steps {chosen['how_many_training_steps']} "
+            f"--class_balancing {chosen['class_balancing']} --train_batch_size {settings.train_batch_size} "
+            f"--validation_percentage {settings.validation_percentage:g} "
+            f"--testing_percentage {settings.testing_percentage:g} --random_seed {settings.random_seed}")

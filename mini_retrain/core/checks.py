@@ -97,7 +97,7 @@ def check_split_percentages(validation_percentage: float, testing_percentage: fl
 
 
 def check_distortions(random_crop: float, random_scale: float, random_brightness: float) -> None:
-    """retrain.py's distortion percentages: each finite and >= 0, random_brightness below 100."""
+    """retrain.py's distortion percentages: each finite, >= 0 and below 100."""
     for name, value in (("random_crop", random_crop), ("random_scale", random_scale),
                         ("random_brightness", random_brightness)):
         if not math.isfinite(value) or value < 0:
@@ -105,3 +105,6 @@ def check_distortions(random_crop: float, random_scale: float, random_brightness
     if random_brightness >= 100:
         raise ValueError(f"random_brightness must be below 100 (100% could make the image black), "
                          f"got {random_brightness}")
+    for name, value in (("random_crop", random_crop), ("random_scale", random_scale)):
+        if value >= 100:  # a margin of 100% already crops half the width away (retrain.py's examples use 5 to 30)
+            raise ValueError(f"{name} must be a percentage below 100, got {value}")

@@ -55,12 +55,16 @@ def train_final_layer(
     log: Callable[[str], None] = print,
     distorted_bottlenecks: Callable[[np.ndarray], np.ndarray] | None = None,
     on_step: Callable[[int, FinalLayer], None] | None = None,
+    on_evaluation: Callable[[dict], None] | None = None,
 ) -> tuple[FinalLayer, list[dict]]:
     """Train the final layer; return it and the per-evaluation history (dicts, one per logged step).
 
     train_bottlenecks (n, D) float32 with train_labels (n,) int; validation likewise (may be empty).
     The settings are retrain.py's flags of the same names, with no defaults here: RetrainSettings
     (mini_retrain/settings.py) holds them, and the caller passes them on.
+    distorted_bottlenecks(indices) -> (batch, D), when given, supplies the training batch instead of the cache.
+    on_step(step, layer) is called after every step (for intermediate graphs); on_evaluation(row) with each history
+    row as it is made (for a progress display).
     class_balancing: True draws each batch as retrain.py does (a class uniformly, then one of its images:
     sampling.sample_batch); False draws every image with the same probability (sampling.uniform_batch).
     distorted_bottlenecks(indices) -> (batch, D), when given, supplies the training batch instead of the cache.
@@ -118,6 +122,8 @@ def train_final_layer(
                 row["validation_n"] = int(len(chosen))
                 log(f"Step {step}: Validation accuracy = {row['validation_accuracy'] * 100:.1f}% (N={len(chosen)})")
             history.append(row)
+            if on_evaluation is not None:
+                on_evaluation(row)
     return layer, history
 
 

@@ -10,7 +10,10 @@ and the retrained layer is linear, so the logit of class c splits exactly over t
     CAM_c(y, x) = w_c . f(y, x)                             (8, 8)
     mean(CAM_c) = logit_c - b_c                             (tested)
 
-Each cell of the 8x8 map covers about 37x37 pixels of the 299x299 input. Upsampled and laid over the image, it shows
+Each cell of the 8x8 map covers about 37x37 pixels of the 299x299 input. The picture gets a legend below it: the class
+and its score, a colour bar from the map's lowest to its highest value, and label's out-of-distribution warning when
+the image is unlike the training images (the console gets the same line). An --output ending in .png/.jpg/.jpeg is one
+file (so one image); anything else is a folder of <image>.cam.png files. Both are checked before any image is read. Upsampled and laid over the image, it shows
 which regions pushed the score for class c up (warm) or down (cool). It shows where the evidence is, not whether it
 is medically meaningful: a model that learned a hospital's text markers will light up the markers.
 """
@@ -23,8 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mini_retrain.evaluation.ood import OOD_WARNING
 from mini_retrain.pipeline.retrained_graph import RetrainedModel, image_name, load_retrained, model_input
 from mini_retrain.pipeline.images import read_image
+from mini_retrain.settings import check_writable
+
+HEAT_MAP_SUFFIXES = (".png", ".jpg", ".jpeg")  # an --output ending so is one file, anything else a folder
 
 
 def class_activation_map(spatial: np.ndarray, weights: np.ndarray, class_index: int) -> np.ndarray:
@@ -64,53 +71,131 @@ def final_weights(graph: Path) -> tuple[np.ndarray, np.ndarray]:
     return found["final_weights"], found["final_biases"]
 
 
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def with_legend(picture: Image.Image, class_name: str, score: float, low: float, high: float,
+                warning: str | None = None) -> Image.Image:
+    """The heat map with a strip below it: the class and its score, the colour bar from the map's lowest to its
+    highest value (w_c . f, the class's evidence per cell), and the out-of-distribution warning when there is one."""
+    from PIL import ImageDraw
+
+    width = picture.width
+    size = max(12, width // 48)
+    margin = size // 2
+    lines = 3 + (2 if warning else 0)
+    strip = Image.new("RGB", (width, lines * (size + margin) + 2 * margin), "white")
+    draw = ImageDraw.Draw(strip)
+    font = _font(size)
+    draw.text((margin, margin), f"{class_name} (score = {score:.5f}): where the evidence for this class lies",
+              fill="black", font=font)
+    bar_top, bar_height = margin + size + margin, size
+    left, right = margin + draw.textlength(f"{low:.2f} ", font=font), width - margin - draw.textlength(f" {high:.2f}",
+                                                                                                     font=font)
+    ramp = colour_map(np.linspace(0.0, 1.0, max(2, int(right - left))))[None]  # (1, bar width, 3)
+    bar = Image.fromarray(np.repeat(ramp, bar_height, axis=0))  # (bar height, bar width, 3)
+    strip.paste(bar, (int(left), bar_top))
+    draw.text((margin, bar_top), f"{low:.2f}", fill="black", font=font)
+    draw.text((right + draw.textlength(" ", font=font), bar_top), f"{high:.2f}", fill="black", font=font)
+    draw.text((margin, bar_top + bar_height + margin), f"cool = least, warm = most evidence for {class_name}",
+              fill="black", font=font)
+    if warning:
+        y = bar_top + 2 * (bar_height + margin)
+        words, line = warning.split(), ""
+        for word in words:  # wrap the warning into the width
+            if line and draw.textlength(f"{line} {word}", font=font) > width - 2 * margin:
+                draw.text((margin, y), line, fill=(180, 0, 0), font=font)
+                y, line = y + size + margin, word
+            else:
+                line = f"{line} {word}".strip()
+        draw.text((margin, y), line, fill=(180, 0, 0), font=font)
+    combined = Image.new("RGB", (width, picture.height + strip.height), "white")
+    combined.paste(picture.convert("RGB"), (0, 0))
+    combined.paste(strip, (0, picture.height))
+    return combined
+
+
 def explain_image(model: RetrainedModel, weights: np.ndarray, biases: np.ndarray, image: Path | Image.Image,
                   output: Path, class_index: int | None = None, name: str | None = None) -> dict:
-    """Write the heat map for one image; return the class, its score, logit and the CAM's mean (= logit - bias).
+    """Write the heat map (with its legend) for one image; return the class, its score, logit, the CAM's mean
+    (= logit - bias) and, when the graph has the check, the out-of-distribution distance and flag.
 
     image: a file, or an image already in memory (images.to_image), called `name` in the result."""
     spatial_name = model.metadata.get("spatial_output")
     if not spatial_name:
         raise ValueError(f"{model.path}: the backbone has no spatial output, so no activation map can be made")
     x = model_input(model, image)[None]  # (1, 3, H, W)
-    probabilities, logits, spatial = model.session.run(
-        [model.metadata["final_tensor_name"], "final_logits", spatial_name], {model.metadata["input_name"]: x})
+    names = [model.metadata["final_tensor_name"], "final_logits", spatial_name]
+    has_ood = "ood_threshold" in model.metadata
+    values = model.session.run(names + (["ood_distance"] if has_ood else []), {model.metadata["input_name"]: x})
+    probabilities, logits, spatial = values[:3]
     if class_index is None:
         class_index = int(probabilities[0].argmax())
     cam = class_activation_map(spatial[0], weights, class_index)  # (8, 8)
+    result = {"image": name or str(image), "heat_map": str(output), "label": model.labels[class_index],
+              "score": float(probabilities[0, class_index]), "logit": float(logits[0, class_index]),
+              "bias": float(biases[class_index]), "cam_mean": float(cam.mean()), "cam": cam.tolist()}
+    warning = None
+    if has_ood:
+        result["ood_distance"] = float(values[3][0])
+        result["ood_threshold"] = float(model.metadata["ood_threshold"])
+        result["out_of_distribution"] = result["ood_distance"] > result["ood_threshold"]
+        if result["out_of_distribution"]:
+            warning = OOD_WARNING.format(distance=result["ood_distance"], threshold=result["ood_threshold"])
+            result["warning"] = warning
     picture = image.copy() if isinstance(image, Image.Image) else read_image(image)
     picture.thumbnail((1024, 1024))  # a heat map does not need every pixel of a 4000x5000 X-ray
     output.parent.mkdir(parents=True, exist_ok=True)
-    overlay(picture, cam).save(output)
-    return {"image": name or str(image), "heat_map": str(output), "label": model.labels[class_index],
-            "score": float(probabilities[0, class_index]), "logit": float(logits[0, class_index]),
-            "bias": float(biases[class_index]), "cam_mean": float(cam.mean()), "cam": cam.tolist()}
+    picture = with_legend(overlay(picture, cam), result["label"], result["score"], float(cam.min()), float(cam.max()),
+                          warning)
+    picture.save(output)
+    return result
 
 
-def explain_images(graph: Path, images: list[Path | Image.Image], output: Path, labels_file: Path | None = None,
-                   label: str | None = None, device: str = "auto", log: Callable[[str], None] = print) -> list[dict]:
-    """Heat maps for the predicted or the chosen label.
+def heat_map_targets(paths: list[Path | Image.Image], output: Path) -> list[Path]:
+    """Where each heat map goes. An --output ending in .png/.jpg/.jpeg is a file: exactly one image may go there.
+    Anything else is a folder: each image gets <folder>/<image name>.cam.png. Checked before any image is read."""
+    output = Path(output)
+    if output.suffix.lower() in HEAT_MAP_SUFFIXES:
+        if len(paths) != 1:
+            raise ValueError(f"--output {output} is a file name, but {len(paths)} images were given; pass a folder "
+                             f"(e.g. --output {output.with_suffix('')}) for several images, or one image")
+        check_writable(output, "--output", is_folder=False)
+        return [output]
+    check_writable(output, "--output", is_folder=True)
+    return [output / (f"image_{index}.cam.png" if isinstance(path, Image.Image) else f"{Path(path).stem}.cam.png")
+            for index, path in enumerate(paths)]
 
-    One image and an output ending in .png: written to exactly that file. Otherwise output is a folder and each
-    image gets output/<image name>.cam.png (output/image_<index>.cam.png for one given in memory). Each image's line
-    also shows the identity mean(map) = logit - bias.
-    """
+
+def explain_images(graph: Path, paths: list[Path | Image.Image], output: Path, labels_file: Path | None = None,
+                   class_name: str | None = None, device: str = "auto",
+                   log: Callable[[str], None] = print) -> list[dict]:
+    """Heat maps for the predicted class, or for `class_name` (explain --class_name); see heat_map_targets for
+    where they go. Each image's lines: the class, score and file; the identity mean(map) = logit - bias; and the
+    out-of-distribution warning of `label` for an image unlike the training images. paths: files, or images in memory
+    (images.to_image), called "image <index>"."""
+    targets = heat_map_targets(paths, output)
     model = load_retrained(graph, labels_file, device, log)
     weights, biases = final_weights(Path(graph))
     class_index = None
-    if label is not None:
-        if label not in model.labels:
-            raise ValueError(f"label {label!r} is not one of the graph's labels {model.labels}")
-        class_index = model.labels.index(label)
-    one_file = len(images) == 1 and Path(output).suffix.lower() == ".png"
+    if class_name is not None:
+        if class_name not in model.labels:
+            raise ValueError(f"class_name {class_name!r} is not one of the graph's labels {model.labels}")
+        class_index = model.labels.index(class_name)
     results = []
-    for index, image in enumerate(images):
+    for index, (image, target) in enumerate(zip(paths, targets)):
         name = image_name(image, index)
-        stem = f"image_{index}" if isinstance(image, Image.Image) else Path(image).stem
-        target = Path(output) if one_file else Path(output) / f"{stem}.cam.png"
         image = image if isinstance(image, Image.Image) else Path(image)
         result = explain_image(model, weights, biases, image, target, class_index, name)
         log(f"{name}: {result['label']} (score = {result['score']:.5f}); heat map {target}")
         log(f"mean of the map = {result['cam_mean']:.5f} = logit - bias = {result['logit'] - result['bias']:.5f}")
+        if result.get("warning"):
+            log(result["warning"])
         results.append(result)
     return results

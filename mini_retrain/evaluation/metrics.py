@@ -27,6 +27,10 @@ from mini_retrain.core.checks import check_labels
 POSITIVE_NAMES = ("abnormal", "tb", "tuberculosis", "pneumonia", "positive", "disease", "sick")
 
 
+# Below this many images (of a class, for sensitivity, specificity and the AUC) an interval is wide and its
+# approximations (Wilson, DeLong's normal) are rough: the report and retrain say so, and point to crossval.
+FEW_IMAGES = 30
+
 def _z_quantile(confidence: float) -> float:
     """Two-sided standard normal quantile: z with P(|Z| <= z) = confidence (1.96 for 95%)."""
     if not 0.0 < confidence < 1.0:

@@ -69,6 +69,9 @@ from scipy.linalg import solve_triangular
 
 from mini_retrain.core.checks import check_bottlenecks, check_labels
 
+# What label and explain print under an image beyond the threshold.
+OOD_WARNING = ("WARNING: this image is unlike the training images (out of distribution: distance {distance:.1f} > "
+               "threshold {threshold:.1f}); the scores above should not be trusted")
 THRESHOLD_MARGIN = 1.3  # threshold = margin * held-out quantile; see the module docstring
 MAX_FOLDS = 10  # K = min(MAX_FOLDS, n) folds for the held-out distances
 MIN_SHRINKAGE = 1e-6  # keeps Sigma invertible when n < d even if Ledoit-Wolf says "no shrinkage"

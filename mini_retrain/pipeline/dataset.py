@@ -14,11 +14,10 @@ from typing import NamedTuple
 import numpy as np
 
 from mini_retrain.core.split import SPLITS, check_group_pattern, shared_id_warning, split_image_lists
-from mini_retrain.paths import cache_dir
 from mini_retrain.pipeline.backbone import Backbone, load_backbone
 from mini_retrain.pipeline.bottlenecks import get_bottlenecks
 from mini_retrain.pipeline.image_lists import find_images
-from mini_retrain.settings import RetrainSettings
+from mini_retrain.settings import RetrainSettings, bottleneck_folder
 
 
 class Dataset(NamedTuple):
@@ -39,13 +38,16 @@ class Dataset(NamedTuple):
         return self.bottlenecks[rows], self.class_indices[rows], [self.files[r] for r in rows]
 
 
-def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print) -> Dataset:
+def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print,
+                 check_lists: Callable[[dict[str, list[str]]], None] | None = None) -> Dataset:
     """Steps 1-3: find the images, split them, get their bottlenecks (cached); report duplicates.
 
     Uses image_dir, validation_percentage, testing_percentage, group_pattern, backbone, device, bottleneck_dir,
-    on_bad_image and fast_decode of `settings`. The folder is listed and split before the backbone is loaded (or
-    built), so a bad --group_pattern, a missing folder, a single class or bad percentages are reported at once.
-    Without a --group_pattern, file names that look like one patient's films say so (split.shared_id_warning).
+    on_bad_image, fast_decode and positive_label of `settings`. The folder is listed and split before the backbone is
+    loaded (or built), so a bad --group_pattern, a missing folder, a single class, bad percentages, a --positive_label
+    that is not a class, or what check_lists(image_lists) refuses (crossval: more folds than a class has images) are
+    reported at once. Without a --group_pattern, file names that look like one patient's films say so
+    (split.shared_id_warning).
     """
     image_dir = Path(settings.image_dir)
     group_pattern = check_group_pattern(settings.group_pattern)
@@ -54,16 +56,21 @@ def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print) 
                                                settings.testing_percentage, group_pattern)
     if group_pattern is None:
         split_warnings += [warning for warning in [shared_id_warning(image_lists)] if warning]
+    labels = list(splits)  # class index order = sorted label order
+    if settings.positive_label is not None and settings.positive_label not in labels:
+        raise ValueError(f"positive_label {settings.positive_label!r} is not a class of {image_dir}; "
+                         f"choose one of: {', '.join(labels)}")
+    if check_lists is not None:
+        check_lists(image_lists)
     backbone = load_backbone(settings.backbone, settings.device, log)
     for warning in warnings + split_warnings:
         log(warning)
-    labels = list(splits)  # class index order = sorted label order
     log(f"Found {sum(len(v) for v in image_lists.values())} images in {len(labels)} classes: "
         + ", ".join(f"{label} ({len(image_lists[label])})" for label in labels))
 
     entries = [(split, index, relative) for index, label in enumerate(labels)
                for split in SPLITS for relative in splits[label][split]]
-    bottleneck_dir = settings.bottleneck_dir or cache_dir() / "bottlenecks"
+    bottleneck_dir = bottleneck_folder(settings)
     result = get_bottlenecks([image_dir / relative for _, _, relative in entries], backbone, bottleneck_dir,
                              on_bad_image=settings.on_bad_image, log=log, fast_decode=settings.fast_decode)
     copies = len(result.keys) - len(set(result.keys))  # identical files: one bottleneck serves them all

@@ -7,7 +7,9 @@ it. We do the same with ONNX. To the backbone graph we add:
     final_result  = softmax(final_logits)                          # the name is --final_tensor_name
     ood_distance  = min_c sqrt((r - mu_c)^T P (r - mu_c)),  r = sign(pool_3) sqrt(|pool_3|)   # with an OOD model (ood.py)
 
-The outputs `pool_3` and `mixed_10` stay, for the OOD check and for class activation maps. The class labels, the
+Intermediate graphs (retrain --intermediate_store_frequency) are the final layer alone, `build_final_layer_model`:
+bottleneck in, final_result out, a few KB instead of the backbone's 84 MB each time; `attach_backbone` makes a full graph
+of one. The outputs `pool_3` and `mixed_10` stay, for the OOD check and for class activation maps. The class labels, the
 OOD threshold, retrain's own test result (`internal_test`) and provenance go in the model's metadata, so `label` can
 check that a labels file belongs to the graph and `evaluate` can compare a new folder with the internal test.
 """
@@ -25,6 +27,7 @@ from mini_retrain.pipeline.backbone import Backbone
 from mini_retrain.paths import write_bytes_atomically
 
 MARKER = "mini_retrain"  # metadata key that says "this graph was written by mini_retrain"
+FINAL_LAYER_MARKER = "mini_retrain_final_layer"  # ... and "this is a final layer alone" (intermediate graphs)
 
 
 def build_retrained_model(
@@ -90,6 +93,65 @@ def build_retrained_model(
         entry.key, entry.value = key, value
     onnx.checker.check_model(model)
     return model
+
+
+def build_final_layer_model(backbone: Backbone, weights: np.ndarray, biases: np.ndarray, labels: list[str],
+                            final_tensor_name: str = "final_result", fast_decode: bool = False, step: int = 0):
+    """The final layer alone as a small ONNX graph, for retrain's intermediate graphs:
+
+        final_result = softmax(bottleneck @ final_weights + final_biases)      # (N, D) @ (D, C) + (C,)
+
+    Its input is the bottleneck, not the image: copying the 84 MB backbone into every intermediate graph would only
+    repeat the same bytes. The metadata names the backbone by its SHA-256 (`backbone_sha256`); `attach_backbone`
+    puts the two together into a graph `label` and `explain` can read."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.asarray(weights, np.float32)  # (D, C)
+    biases = np.asarray(biases, np.float32)  # (C,)
+    bottleneck = backbone.sidecar["bottleneck_output"]
+    size, classes = weights.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", [bottleneck, "final_weights"], ["final_matmul"], name="final_matmul"),
+         helper.make_node("Add", ["final_matmul", "final_biases"], ["final_logits"], name="final_logits"),
+         helper.make_node("Softmax", ["final_logits"], [final_tensor_name], name=final_tensor_name, axis=-1)],
+        "final_layer",
+        [helper.make_tensor_value_info(bottleneck, TensorProto.FLOAT, ["batch", size])],
+        [helper.make_tensor_value_info(final_tensor_name, TensorProto.FLOAT, ["batch", classes]),
+         helper.make_tensor_value_info("final_logits", TensorProto.FLOAT, ["batch", classes])],
+        [numpy_helper.from_array(weights, "final_weights"), numpy_helper.from_array(biases, "final_biases")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="mini_retrain")
+    model.ir_version = 8
+    metadata = {FINAL_LAYER_MARKER: __version__, "labels": json.dumps(labels), "final_tensor_name": final_tensor_name,
+                "bottleneck_output": bottleneck, "backbone_sha256": backbone.sidecar.get("onnx_sha256", ""),
+                "fast_decode": "1" if fast_decode else "0", "step": str(step)}
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.checker.check_model(model)
+    return model
+
+
+def attach_backbone(final_layer_graph: str | Path, backbone: Backbone):
+    """An intermediate graph (build_final_layer_model) + its backbone -> the full graph retrain would have written
+    at that step (without the out-of-distribution distance, which is fitted at the end)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(final_layer_graph))
+    metadata = {entry.key: entry.value for entry in model.metadata_props}
+    if FINAL_LAYER_MARKER not in metadata:
+        raise ValueError(f"{final_layer_graph}: not an intermediate graph of `mini_retrain retrain` "
+                         f"(no {FINAL_LAYER_MARKER} metadata)")
+    wanted, have = metadata.get("backbone_sha256", ""), backbone.sidecar.get("onnx_sha256", "")
+    if wanted and have and wanted != have:
+        raise ValueError(f"{final_layer_graph}: trained on the backbone with SHA-256 {wanted[:12]}..., not on "
+                         f"{backbone.path} ({have[:12]}...); pass the backbone it was trained on")
+    tensors = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return build_retrained_model(backbone, tensors["final_weights"], tensors["final_biases"],
+                                 json.loads(metadata["labels"]), metadata["final_tensor_name"],
+                                 fast_decode=metadata.get("fast_decode") == "1")
 
 
 def _append_ood_distance(graph, bottleneck: str, ood: Any) -> None:

@@ -59,10 +59,14 @@ def find_images(image_dir: str | Path, min_classes: int = 2) -> tuple[dict[str, 
         files = _image_files(folder, image_dir)
         if not files:
             raise ValueError(f"{folder}: no images (.jpg, .jpeg, .png, .dcm); add images or remove the folder")
-        if len(files) < MIN_IMAGES_PER_CLASS:
-            warnings.append(f"WARNING: Folder {folder.name} has less than {MIN_IMAGES_PER_CLASS} images, which may cause issues.")
         image_lists[label] = files
         folder_of_label[label] = folder.name
+    small = [f"{folder_of_label[label]} ({len(files)})" for label, files in image_lists.items()
+             if len(files) < MIN_IMAGES_PER_CLASS]
+    if small:  # retrain.py warned once per folder; one line says the same for all of them
+        warnings.append(f"WARNING: {'Folder' if len(small) == 1 else 'Folders'} {', '.join(small)} "
+                        f"{'has' if len(small) == 1 else 'have'} less than {MIN_IMAGES_PER_CLASS} images, "
+                        "which may cause issues.")
     if len(image_lists) < min_classes:
         only = next(iter(image_lists))
         raise ValueError(
