@@ -38,7 +38,7 @@ def _retrain(args: argparse.Namespace) -> int:
 def _label(args: argparse.Namespace) -> int:
     import json
 
-    from mini_retrain.commands.label import format_result, label_images
+    from mini_retrain.commands.label import format_result, label_images, population_summary
     from mini_retrain.pipeline.retrained_graph import image_paths, load_retrained
 
     model = load_retrained(args.graph, args.labels, args.device)
@@ -50,6 +50,9 @@ def _label(args: argparse.Namespace) -> int:
     else:
         for result in results:
             print("\n".join(format_result(result)))
+    summary = population_summary(results) if len(paths) > 1 else None
+    if summary:
+        log(summary)
     return 0
 
 
@@ -107,6 +110,13 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
                         "(default: abnormal/tb/pneumonia/... when present)")
 
 
+def _add_layers_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bottleneck_layers", default="pool_3",
+                        help="comma-separated backbone layers, each averaged over its grid, side by side: pool_3 "
+                        "(retrain.py), mixed_8, mixed_7, ... or several, e.g. pool_3,mixed_8; label and explain "
+                        "follow the graph")
+
+
 def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", type=Path, default=None,
                         help="backbone ONNX with its .json sidecar (default: Inception v3, built on first use)")
@@ -128,6 +138,7 @@ def _add_retrain_parser(commands) -> None:
                    help="the final layer's weights and biases as .npz (default: <output_graph>.final_layer.npz)")
     p.add_argument("--summaries_dir", type=Path, default=None,
                    help="write per-step metrics there as metrics.csv and metrics.jsonl")
+    _add_layers_flag(p)
     p.add_argument("--how_many_training_steps", type=int, default=4000, help="training steps")
     p.add_argument("--learning_rate", type=float, default=0.01, help="gradient descent learning rate")
     p.add_argument("--testing_percentage", type=float, default=10.0, help="percentage of images used as a test set")
@@ -228,6 +239,7 @@ def _add_crossval_parser(commands) -> None:
         "(the hash split is ignored; _nohash_ groups stay in one fold): per-fold and pooled metrics.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_dataset_flags(p)
+    _add_layers_flag(p)
     p.add_argument("--folds", type=int, default=5, help="number of folds K (each image is held out once)")
     p.add_argument("--how_many_training_steps", type=int, default=4000, help="training steps per fold")
     p.add_argument("--learning_rate", type=float, default=0.01, help="gradient descent learning rate")
@@ -254,6 +266,9 @@ def _add_sweep_parser(commands) -> None:
         "with the best validation accuracy (ties: lower validation cross-entropy), then test it once.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     _add_dataset_flags(p)
+    p.add_argument("--bottleneck_layers", default="pool_3",
+                   help="alternatives separated by ';', each a retrain --bottleneck_layers, e.g. "
+                   "'pool_3;mixed_8;pool_3,mixed_8' (quoted: ';' ends a shell command)")
     p.add_argument("--learning_rates", default="0.001,0.01,0.1", help="comma-separated learning rates")
     p.add_argument("--training_steps", default="500,4000", help="comma-separated numbers of training steps")
     p.add_argument("--class_balancing", default="off,on",

@@ -38,6 +38,7 @@ class RetrainSettings:
     random_seed: int = 0
     class_balancing: bool = True  # retrain.py's batches: a class uniformly, then an image (see sampling.py)
     fast_decode: bool = False  # JPEG draft + Image.reduce before the resize (images.py); stored in the graph
+    bottleneck_layers: str = "pool_3"  # comma-separated backbone layers, each globally averaged, side by side
     on_bad_image: str = "skip"
     positive_label: str | None = None
     explain_misclassified: Path | None = None

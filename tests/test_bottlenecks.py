@@ -168,11 +168,11 @@ def test_layers_come_side_by_side_and_a_second_layer_reuses_the_first_ones_cache
     np.testing.assert_array_equal(both.values[:, 5:], pool_3.values)
     images = np.stack([store.backbone_input(store.read_image(p, keep_gray=True), layered.sidecar) for p in paths])
     np.testing.assert_allclose(both.values[:, :5], run_backbone(layered, images, layers=("mixed_8",)), atol=1e-6)
-    again = get_bottlenecks(paths, layered, cache, layers=("pool_3", "mixed_8", "mixed_4"), **quiet)
-    assert calls[2:] == [("mixed_4",)] and again.computed == 6
-    assert get_bottlenecks(paths, layered, cache, layers=("mixed_4", "pool_3"), **quiet).computed == 0
+    again = get_bottlenecks(paths, layered, cache, layers=("pool_3", "mixed_8", "mixed_6"), **quiet)
+    assert calls[2:] == [("mixed_6",)] and again.computed == 6
+    assert get_bottlenecks(paths, layered, cache, layers=("mixed_6", "pool_3"), **quiet).computed == 0
     assert len(calls) == 3
-    for layer, size in (("pool_3", 6), ("mixed_8", 5), ("mixed_4", 4)):
+    for layer, size in (("pool_3", 6), ("mixed_8", 5), ("mixed_6", 4)):
         index, values = load_store(store_folder(cache, layered, layer=layer), log=lambda line: None)
         assert len(index) == 6 and values.shape == (6, size)
 
@@ -200,7 +200,7 @@ def test_pool_3_is_unchanged_bit_for_bit_on_the_real_network(real_backbone, tmp_
     expected = run_backbone(real_backbone, images)  # (3, 2048): pool_3 as it always was
     alone = get_bottlenecks(paths, real_backbone, tmp_path / "a", log=lambda line: None)
     np.testing.assert_array_equal(alone.values, expected)
-    together = get_bottlenecks(paths, real_backbone, tmp_path / "b", layers=("mixed_4", "pool_3", "mixed_8"),
+    together = get_bottlenecks(paths, real_backbone, tmp_path / "b", layers=("mixed_6", "pool_3", "mixed_8"),
                                log=lambda line: None)
     np.testing.assert_array_equal(together.values[:, 768:768 + 2048], expected)
     np.testing.assert_array_equal(get_bottlenecks(paths, real_backbone, tmp_path / "b",

@@ -166,8 +166,8 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
              log: Callable[[str], None] = print) -> dict:
     """`mini_retrain crossval`: load every image's bottleneck (cached), cross-validate, write the JSON; return it.
 
-    Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, how_many_training_steps, learning_rate,
-    train_batch_size, random_seed and positive_label of `settings`; the split percentages are ignored.
+    Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, bottleneck_layers, how_many_training_steps,
+    learning_rate, train_batch_size, random_seed and positive_label of `settings`; the split percentages are ignored.
     """
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
     # 0% validation, 0% testing: every image is "training", i.e. every image takes part.
@@ -176,6 +176,7 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
                             settings.how_many_training_steps, settings.learning_rate, settings.train_batch_size,
                             settings.positive_label, log)
     result["random_seed"] = settings.random_seed
+    result["bottleneck_layers"] = list(dataset.layers)
     _warn_about_identical_images(dataset, result["predictions"], log)
     write_bytes_atomically(output_json, (json.dumps(result, indent=2) + "\n").encode())
     log(f"Wrote {output_json}")

@@ -2,10 +2,11 @@
 
     1. find_images       one subfolder per class                                    (image_lists.py)
     2. split             stable hash of each relative path -> training/validation/testing   (split.py)
-    3. bottlenecks       pool_3 of every image, cached                                (bottlenecks.py)
+    3. bottlenecks       pool_3 (or --bottleneck_layers) of every image, cached       (bottlenecks.py)
     4. train             softmax layer, cross-entropy, gradient descent, random batches   (train.py)
     5. test              "Final test accuracy = X% (N=M)", with confidence intervals  (metrics.py)
-    6. write             the graph (backbone + final layer + OOD distance), labels, weights, metrics  (export.py)
+    6. write             the graph (backbone + final layer + OOD and population distances), labels, weights,
+                         metrics  (export.py)
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from mini_retrain.core.train import FinalLayer, train_final_layer
+from mini_retrain.evaluation.population import POPULATION_LAYER
 from mini_retrain.paths import cache_dir, write_bytes_atomically
-from mini_retrain.pipeline.backbone import run_backbone
+from mini_retrain.pipeline.backbone import parse_layers, run_backbone
 from mini_retrain.pipeline.dataset import load_dataset
 from mini_retrain.settings import RetrainSettings
 
@@ -37,8 +39,9 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
 
     _check_outputs_writable(settings)
 
-    # 1-3. Images, their labels and splits, their bottlenecks.
-    dataset = load_dataset(settings, log)
+    # 1-3. Images, their labels and splits, their bottlenecks; from the same forward pass, pool_3 for the OOD
+    # distance and an earlier block for the population distance (when the backbone offers it).
+    dataset = load_dataset(settings, log, extra_layers=("pool_3",), optional_layers=(POPULATION_LAYER,))
     backbone, labels = dataset.backbone, dataset.labels
     train_x, train_y, train_files = dataset.split("training")
     validation_x, validation_y, _ = dataset.split("validation")
@@ -80,15 +83,20 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
         evaluation, misclassified = {"n": 0}, []
 
     # 6. Write everything.
-    ood = fit_ood_model(train_x, train_y, len(labels))
+    ood = fit_ood_model(dataset.split("training", ("pool_3",))[0], train_y, len(labels))  # whatever layer is trained
+    population = _fit_population(dataset, log)
     model = build_retrained_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name, ood,
-                                  settings.fast_decode)
+                                  settings.fast_decode, dataset.layers, population)
     write_retrained_graph(settings.output_graph, model)
     write_labels(settings.output_labels, labels)
     weights_path = settings.output_weights or settings.output_graph.with_suffix(".final_layer.npz")
     write_final_layer(weights_path, layer.weights, layer.biases, labels)
     evaluation["history"] = history
+    evaluation["bottleneck_layers"] = list(dataset.layers)
     evaluation["ood_threshold"] = float(ood.threshold)
+    if population is not None:
+        evaluation["population_layer"] = population.layer
+        evaluation["population_threshold"] = float(population.threshold)
     metrics_path = settings.output_graph.with_suffix(".metrics.json")
     _write_text(metrics_path, json.dumps(evaluation, indent=2) + "\n")
     if settings.summaries_dir is not None:
@@ -104,6 +112,25 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
                        settings.explain_misclassified, log=log)
     log(f"Wrote {settings.output_graph}, {settings.output_labels}, {weights_path} and {metrics_path}")
     return evaluation
+
+
+def _fit_population(dataset, log: Callable[[str], None]):
+    """The population distance on the training images (population.py), or None with a line saying why not."""
+    from mini_retrain.evaluation.population import MIN_IMAGES, fit_population_model
+
+    if POPULATION_LAYER not in (dataset.pooled or {}):
+        log(f"WARNING: the backbone {dataset.backbone.path} has no layer {POPULATION_LAYER}, so the graph gets no "
+            "warning for X-rays of another population; rebuild it with `mini_retrain backbone`")
+        return None
+    pooled = dataset.split("training", (POPULATION_LAYER,))[0]  # (n_train, 768) for mixed_6
+    if len(pooled) < MIN_IMAGES:
+        log(f"WARNING: {len(pooled)} training images are too few for the population distance "
+            f"(at least {MIN_IMAGES}); the graph gets no warning for X-rays of another population")
+        return None
+    population = fit_population_model(pooled, POPULATION_LAYER)
+    log(f"Population distance on {POPULATION_LAYER}: threshold {population.threshold:.1f} (99% of held-out "
+        "training images below it)")
+    return population
 
 
 def _check_outputs_writable(settings: RetrainSettings) -> None:
@@ -146,6 +173,7 @@ def _distorted_bottlenecks(settings: RetrainSettings, backbone, train_files: lis
     from mini_retrain.pipeline.distortions import distort
     from mini_retrain.pipeline.images import read_image
 
+    layers = parse_layers(settings.bottleneck_layers)
     size = backbone.sidecar["input_size"][0]
     largest = int(np.ceil(size * (1 + settings.random_crop / 100) * (1 + settings.random_scale / 100)))
     decoded: dict[int, np.ndarray] = {}
@@ -160,7 +188,7 @@ def _distorted_bottlenecks(settings: RetrainSettings, backbone, train_files: lis
             batch.append(distort(decoded[i].astype(np.float32), rng, settings.flip_left_right, settings.random_crop,
                                  settings.random_scale, settings.random_brightness, size,
                                  backbone.sidecar["input_mean"], backbone.sidecar["input_std"]))
-        return run_backbone(backbone, np.stack(batch))
+        return run_backbone(backbone, np.stack(batch), layers=layers)  # (batch, D)
 
     return bottlenecks_for
 
@@ -172,7 +200,8 @@ def _intermediate_writer(settings: RetrainSettings, backbone, labels: list[str],
         if step > 0 and step % settings.intermediate_store_frequency == 0:
             path = settings.intermediate_output_graphs_dir / f"intermediate_{step}.onnx"
             model = build_retrained_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name,
-                                          fast_decode=settings.fast_decode)
+                                          fast_decode=settings.fast_decode,
+                                          layers=parse_layers(settings.bottleneck_layers))
             write_retrained_graph(path, model)
             log(f"Save intermediate result to : {path}")
 
