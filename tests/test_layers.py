@@ -130,3 +130,26 @@ def test_sweep_chooses_among_layers_on_validation(tiny_layered_backbone, tmp_pat
     assert result["chosen_index"] == choose_setting(result["settings"])
     assert f"--bottleneck_layers {result['chosen']['bottleneck_layers']} " in out
     assert "20 bottlenecks ready (20 computed now" in out  # every layer of every alternative: one pass
+
+
+def test_standardised_training_folds_back_into_the_same_function():
+    """((x - m) / s) W + b = x W' + b' for the folded layer; a constant feature keeps scale 1."""
+    from mini_retrain.core.train import FinalLayer, folded, standardisation, train_layer
+    from mini_retrain.pipeline.dataset import standardises
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 0.05, (50, 6)).astype(np.float32)
+    x[:, 2] = 1.5  # never varies
+    mean, scale = standardisation(x)
+    np.testing.assert_allclose(mean, x.mean(axis=0), rtol=1e-5)
+    assert scale[2] == 1.0 and np.allclose(scale[[0, 1, 3, 4, 5]], x.std(axis=0)[[0, 1, 3, 4, 5]], rtol=1e-4)
+    layer = FinalLayer(rng.normal(size=(6, 3)).astype(np.float32), rng.normal(size=3).astype(np.float32))
+    flat = folded(layer, mean, scale)
+    np.testing.assert_allclose(x @ flat.weights + flat.biases, ((x - mean) / scale) @ layer.weights + layer.biases,
+                               rtol=1e-4, atol=1e-4)
+    # train_layer(standardise=True) is the layer trained on the standardised rows, folded
+    y = (x[:, 0] > 3.0).astype(np.int64)
+    trained = train_layer(x, y, 2, np.random.default_rng(1), 50, 0.1, 10, standardise=True)
+    by_hand = folded(train_layer((x - mean) / scale, y, 2, np.random.default_rng(1), 50, 0.1, 10), mean, scale)
+    np.testing.assert_allclose(trained.weights, by_hand.weights, rtol=1e-6)
+    assert standardises(("mixed_8",)) and standardises(("pool_3", "mixed_8")) and not standardises(("pool_3",))

@@ -28,7 +28,7 @@ import numpy as np
 
 from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
-from mini_retrain.pipeline.dataset import Dataset, load_dataset
+from mini_retrain.pipeline.dataset import Dataset, load_dataset, standardises
 from mini_retrain.settings import RetrainSettings
 from mini_retrain.core.softmax_layer import compute_logits, softmax
 from mini_retrain.core.split import hash_key
@@ -131,7 +131,8 @@ def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, how_m
     for k in range(folds):
         held_out = fold_of == k  # (n,) bool
         layer = train_layer(dataset.bottlenecks[~held_out], y[~held_out], len(labels), rng,
-                            how_many_training_steps, learning_rate, train_batch_size)
+                            how_many_training_steps, learning_rate, train_batch_size,
+                            standardise=standardises(dataset.layers))  # scaled by the fold's training rows only
         probabilities[held_out] = softmax(compute_logits(dataset.bottlenecks[held_out], layer.weights, layer.biases))
         correct = int(np.sum(probabilities[held_out].argmax(axis=1) == y[held_out]))
         accuracy = _rate(correct, int(held_out.sum()))

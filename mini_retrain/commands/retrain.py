@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mini_retrain.core.train import FinalLayer, train_final_layer
+from mini_retrain.core.train import FinalLayer, folded, standardisation, train_final_layer
 from mini_retrain.evaluation.population import POPULATION_LAYER
 from mini_retrain.paths import cache_dir, write_bytes_atomically
 from mini_retrain.pipeline.backbone import parse_layers, run_backbone
-from mini_retrain.pipeline.dataset import load_dataset
+from mini_retrain.pipeline.dataset import load_dataset, standardises
 from mini_retrain.settings import RetrainSettings
 
 
@@ -47,10 +47,20 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
     validation_x, validation_y, _ = dataset.split("validation")
     test_x, test_y, test_files = dataset.split("testing")
 
-    # 4. Train.
+    # 4. Train; an earlier block's features standardised by the training rows, the scaling folded in after (train.py).
     rng = np.random.default_rng(settings.random_seed)
     distorted = _distorted_bottlenecks(settings, backbone, train_files, rng) if _wants_distortions(settings) else None
     on_step = _intermediate_writer(settings, backbone, labels, log) if settings.intermediate_store_frequency > 0 else None
+    scaled = standardises(dataset.layers)
+    if scaled:
+        mean, scale = standardisation(train_x)
+        log(f"Features standardised for training (mean and standard deviation of the {len(train_y)} training "
+            "images), then folded into the final layer")
+        train_x, validation_x = (train_x - mean) / scale, (validation_x - mean) / scale
+        if distorted is not None:  # freshly distorted bottlenecks, scaled like the cached ones
+            distorted = lambda indices, raw=distorted: (raw(indices) - mean) / scale  # noqa: E731
+        if on_step is not None:  # intermediate graphs compute x W + b on the raw features too
+            on_step = lambda step, layer, write=on_step: write(step, folded(layer, mean, scale))  # noqa: E731
     started = time.perf_counter()
     layer, history = train_final_layer(
         train_x, train_y, validation_x, validation_y, len(labels), rng,
@@ -61,6 +71,8 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
     )
     log(f"Trained {settings.how_many_training_steps} steps in {time.perf_counter() - started:.2f} s "
         f"({len(train_y)} training images, batch {settings.train_batch_size})")
+    if scaled:
+        layer = folded(layer, mean, scale)  # now a function of the raw features, as the graph computes it
 
     # 5. Test, once, on images the training never saw.
     if len(test_y):
@@ -93,6 +105,7 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
     write_final_layer(weights_path, layer.weights, layer.biases, labels)
     evaluation["history"] = history
     evaluation["bottleneck_layers"] = list(dataset.layers)
+    evaluation["feature_scaling"] = "standardised, folded into the final layer" if scaled else "none"
     evaluation["ood_threshold"] = float(ood.threshold)
     if population is not None:
         evaluation["population_layer"] = population.layer

@@ -39,7 +39,7 @@ from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.commands.crossval import check_output_json
 from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
 from mini_retrain.pipeline.backbone import parse_layers
-from mini_retrain.pipeline.dataset import Dataset, load_dataset
+from mini_retrain.pipeline.dataset import Dataset, load_dataset, standardises
 from mini_retrain.settings import RetrainSettings
 from mini_retrain.core.softmax_layer import compute_logits, cross_entropy, softmax
 from mini_retrain.core.train import FinalLayer, train_layer
@@ -89,7 +89,7 @@ def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: l
             # sampler, the same batches, so the settings differ only in what the grid changes.
             rng = np.random.default_rng(random_seed)
             layer = train_layer(train_x, train_y, len(dataset.labels), rng, steps, learning_rate, train_batch_size,
-                                balanced)
+                                balanced, standardises(choice))
             accuracy, validation_cross_entropy = _validation_row(layer, validation_x, validation_y)
             rows.append({"bottleneck_layers": ",".join(choice), "learning_rate": learning_rate,
                          "training_steps": steps, "class_balancing": "on" if balanced else "off",

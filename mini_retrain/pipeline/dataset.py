@@ -52,6 +52,13 @@ class Dataset(NamedTuple):
         return np.concatenate([self.pooled[layer] for layer in layers], axis=1)  # (n, D1 + D2 + ...)
 
 
+def standardises(layers: tuple[str, ...]) -> bool:
+    """Whether the final layer trains on standardised features: for any layers but pool_3 alone (retrain.py's
+    bottleneck, trained as it always was). Measured in docs/algorithm.md, section 2: the averages of earlier blocks
+    are small, and unscaled they leave the layer under-trained at the default learning rate."""
+    return tuple(layers) != ("pool_3",)
+
+
 def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print,
                  extra_layers: tuple[str, ...] = (), optional_layers: tuple[str, ...] = ()) -> Dataset:
     """Steps 1-3: find the images, split them, get their bottlenecks (cached); report duplicates.
