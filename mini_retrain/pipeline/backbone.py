@@ -1,7 +1,8 @@
 """Run the pretrained backbone under onnxruntime: images (N, 3, 299, 299) -> bottlenecks (N, 2048).
 
 The "bottleneck" is retrain.py's name for the layer just before the ImageNet classifier: Inception v3's `pool_3`, the
-average over the 8x8 grid of `mixed_10`. Everything the retrained model knows about an image is these 2048 numbers.
+average over the 8x8 grid of `mixed_10`. Everything the retrained model knows about an image is these 2048 numbers,
+or, with --bottleneck_layers, the averages of earlier blocks (`<block>/avg` outputs, listed in the sidecar's `layers`).
 
 The ONNX file comes with a JSON sidecar (see `backbone_build.backbone_sidecar` and models/README.md) that names the
 input, the outputs and the pixel scaling, so a different backbone can be used by writing a different sidecar.
