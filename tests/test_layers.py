@@ -130,6 +130,9 @@ def test_sweep_chooses_among_layers_on_validation(tiny_layered_backbone, tmp_pat
     assert result["chosen_index"] == choose_setting(result["settings"])
     assert f"--bottleneck_layers {result['chosen']['bottleneck_layers']} " in out
     assert "20 bottlenecks ready (20 computed now" in out  # every layer of every alternative: one pass
+    # ... with what a retrain needs besides (pool_3 for the OOD distance, the population layer): nothing to compute
+    assert main(retrain_argv(image_dir, tmp_path, tiny_layered_backbone, result["chosen"]["bottleneck_layers"])) == 0
+    assert "20 bottlenecks ready (0 computed now, 20 from the cache" in capsys.readouterr().out
 
 
 def test_standardised_training_folds_back_into_the_same_function():

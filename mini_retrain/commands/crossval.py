@@ -28,6 +28,7 @@ import numpy as np
 
 from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
+from mini_retrain.evaluation.population import POPULATION_LAYER
 from mini_retrain.pipeline.dataset import Dataset, load_dataset, standardises
 from mini_retrain.settings import RetrainSettings
 from mini_retrain.core.softmax_layer import compute_logits, softmax
@@ -172,7 +173,9 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
     """
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
     # 0% validation, 0% testing: every image is "training", i.e. every image takes part.
-    dataset = load_dataset(dataclasses.replace(settings, validation_percentage=0.0, testing_percentage=0.0), log)
+    # pool_3 and the population layer ride along in the same forward pass, so a later retrain finds them cached.
+    dataset = load_dataset(dataclasses.replace(settings, validation_percentage=0.0, testing_percentage=0.0), log,
+                           optional_layers=("pool_3", POPULATION_LAYER))
     result = cross_validate(dataset, folds, np.random.default_rng(settings.random_seed),
                             settings.how_many_training_steps, settings.learning_rate, settings.train_batch_size,
                             settings.positive_label, log)

@@ -38,6 +38,7 @@ import numpy as np
 from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.commands.crossval import check_output_json
 from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
+from mini_retrain.evaluation.population import POPULATION_LAYER
 from mini_retrain.pipeline.backbone import parse_layers
 from mini_retrain.pipeline.dataset import Dataset, load_dataset, standardises
 from mini_retrain.settings import RetrainSettings
@@ -191,7 +192,8 @@ def sweep(settings: RetrainSettings, learning_rates: list[float], training_steps
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
     every_layer = tuple(dict.fromkeys(layer for choice in choices for layer in choice))
     dataset = load_dataset(dataclasses.replace(settings, bottleneck_layers=",".join(choices[0])), log,
-                           extra_layers=every_layer)
+                           extra_layers=every_layer,  # and, for a later retrain, what it needs besides
+                           optional_layers=("pool_3", POPULATION_LAYER))
     result = grid_search(dataset, learning_rates, training_steps, class_balancing, settings.random_seed,
                          settings.train_batch_size, settings.positive_label, log, choices)
     chosen = result["chosen"]
