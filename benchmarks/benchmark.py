@@ -459,7 +459,7 @@ def child(spec_path: str) -> None:
         sidecar = json.loads(sidecar_path(onnx_path).read_text())
         backbone = Backbone(None, onnx_path, sidecar, "none")
         rng = np.random.default_rng(0)
-        bottleneck_store.run_backbone = lambda _, images: rng.random((len(images), 2048), dtype=np.float32)
+        bottleneck_store.run_backbone = lambda _, images, **options: rng.random((len(images), 2048), dtype=np.float32)
     else:
         backbone = load_backbone(onnx_path, device="cpu", log=no_log)
         # As in the middle of a long run: onnxruntime keeps what it allocated for a full batch (its arena, and the

@@ -218,6 +218,13 @@ def _add_report_flag(parser: argparse.ArgumentParser, what: str) -> None:
                         "and the misclassified images (plots need mini_retrain[report], i.e. matplotlib)")
 
 
+def _add_layers_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bottleneck_layers", default=default("bottleneck_layers"),
+                        help="comma-separated backbone layers, each averaged over its grid, side by side: pool_3 "
+                        "(retrain.py), mixed_8, mixed_7, ... or several, e.g. pool_3,mixed_8; label and explain "
+                        "follow the graph")
+
+
 def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
     from mini_retrain.build.backbone_build import BACKBONE_FILENAME
 
@@ -283,6 +290,7 @@ def _add_retrain_parser(commands) -> None:
                    help="the final layer's weights and biases as .npz (default: <output_graph>.final_layer.npz)")
     p.add_argument("--summaries_dir", type=Path, default=None,
                    help="write every step line's numbers there as metrics.csv and metrics.jsonl")
+    _add_layers_flag(p)
     _add_training_flags(p)
     _add_split_flags(p, "percentage of images used as a validation set")
     p.add_argument("--eval_step_interval", type=int, default=default("eval_step_interval"),
@@ -382,6 +390,7 @@ def _add_crossval_parser(commands) -> None:
         "(the hash split is ignored; _nohash_ groups stay in one fold): per-fold and pooled metrics.",
         formatter_class=_Help)
     _add_dataset_flags(p)
+    _add_layers_flag(p)
     p.add_argument("--folds", type=int, default=5, help="number of folds K (each image is held out once)")
     _add_training_flags(p)
     p.add_argument("--output_json", type=Path, default=Path("crossval.json"),
@@ -407,6 +416,9 @@ def _add_sweep_parser(commands) -> None:
         "are retrain's, each taking a comma-separated list (--learning_rate becomes the plural --learning_rates).",
         formatter_class=_Help)
     _add_dataset_flags(p)
+    p.add_argument("--bottleneck_layers", default="pool_3",
+                   help="alternatives separated by ';', each a retrain --bottleneck_layers, e.g. "
+                   "'pool_3;mixed_8;pool_3,mixed_8' (quoted: ';' ends a shell command)")
     p.add_argument("--learning_rates", default="0.001,0.01,0.1", help="comma-separated learning rates")
     p.add_argument("--how_many_training_steps", dest="steps_grid", metavar="STEPS", default="500,4000",
                    help="comma-separated numbers of training steps")

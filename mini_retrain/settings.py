@@ -55,6 +55,7 @@ class RetrainSettings:
     random_seed: int = 0
     class_balancing: bool = True  # retrain.py's batches: a class uniformly, then an image (see sampling.py)
     fast_decode: bool = False  # JPEG draft + Image.reduce before the resize (images.py); stored in the graph
+    bottleneck_layers: str = "pool_3"  # comma-separated backbone layers, each globally averaged, side by side
     on_bad_image: str = "skip"
     group_pattern: str | None = None  # regex: file names with the same match are one patient (split.py)
     positive_label: str | None = None

@@ -91,6 +91,53 @@ def tiny_retrained_graph(tiny_backbone: Path, folder: Path, internal_test: dict 
     model = build_retrained_model(backbone, weights, biases, list(labels), "final_result",
                                   fit_ood_model(bottlenecks, classes, 2), internal_test=internal_test)
     return write_retrained_graph(folder / name, model), write_labels(folder / "l.txt", list(labels))
+@pytest.fixture
+def tiny_layered_backbone(tmp_path) -> Path:
+    """A tiny ONNX graph with blocks on two grids, as the real one has: images -> mixed_6 (N, 4, 17, 17) ->
+    mixed_8 (N, 5, 8, 8) -> mixed_10 (N, 6, 8, 8) -> pool_3 (N, 6), and the global averages `mixed_6/avg`,
+    `mixed_8/avg` as outputs, listed in the sidecar's `layers` like backbone_build.backbone_sidecar does."""
+    import json
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    weights = {"w6": rng.normal(size=(4, 3, 1, 1)), "w8": rng.normal(size=(5, 4, 1, 1)),
+               "w10": rng.normal(size=(6, 5, 1, 1))}
+    nodes = [
+        helper.make_node("AveragePool", ["images"], ["small"], kernel_shape=[17, 17], strides=[17, 17]),  # 17x17
+        helper.make_node("Conv", ["small", "w6"], ["conv6"]),
+        helper.make_node("Relu", ["conv6"], ["mixed_6"]),  # (N, 4, 17, 17)
+        helper.make_node("AveragePool", ["mixed_6"], ["down"], kernel_shape=[3, 3], strides=[2, 2]),  # 8x8
+        helper.make_node("Conv", ["down", "w8"], ["conv8"]),
+        helper.make_node("Relu", ["conv8"], ["mixed_8"]),  # (N, 5, 8, 8)
+        helper.make_node("Conv", ["mixed_8", "w10"], ["conv10"]),
+        helper.make_node("Relu", ["conv10"], ["mixed_10"]),  # (N, 6, 8, 8)
+    ]
+    for block, output in (("mixed_6", "mixed_6/avg"), ("mixed_8", "mixed_8/avg"), ("mixed_10", "pool_3")):
+        nodes += [helper.make_node("GlobalAveragePool", [block], [f"{block}/global_average"]),
+                  helper.make_node("Flatten", [f"{block}/global_average"], [output], axis=1)]
+    graph = helper.make_graph(
+        nodes, "tiny_layered",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["batch", 3, 299, 299])],
+        [helper.make_tensor_value_info("pool_3", TensorProto.FLOAT, ["batch", 6]),
+         helper.make_tensor_value_info("mixed_10", TensorProto.FLOAT, ["batch", 6, 8, 8]),
+         helper.make_tensor_value_info("mixed_6/avg", TensorProto.FLOAT, ["batch", 4]),
+         helper.make_tensor_value_info("mixed_8/avg", TensorProto.FLOAT, ["batch", 5])],
+        [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "tiny_layered.onnx"
+    onnx.save(model, path)
+    layers = {"pool_3": {"output": "pool_3", "size": 6, "feature_map": "mixed_10", "feature_shape": [6, 8, 8]},
+              "mixed_6": {"output": "mixed_6/avg", "size": 4, "feature_map": "mixed_6", "feature_shape": [4, 17, 17]},
+              "mixed_8": {"output": "mixed_8/avg", "size": 5, "feature_map": "mixed_8", "feature_shape": [5, 8, 8]}}
+    sidecar = {"input_name": "images", "input_size": [299, 299], "input_mean": 128.0, "input_std": 128.0,
+               "bottleneck_output": "pool_3", "bottleneck_size": 6, "spatial_output": "mixed_10",
+               "spatial_shape": [6, 8, 8], "format": 2, "layers": layers, "weights_sha1": "7" * 40}
+    path.with_suffix(".json").write_text(json.dumps(sidecar))
+    return path
 
 
 def read_or_bad(path) -> None:

@@ -438,7 +438,7 @@ def test_numbers_quoted_from_the_code(cli):
     import math
 
     from mini_retrain.core import recalibrate, softmax_layer, split
-    from mini_retrain.evaluation import metrics, ood
+    from mini_retrain.evaluation import metrics, ood, population
     from mini_retrain.pipeline import image_lists
 
     _, parsers = cli
@@ -462,6 +462,8 @@ def test_numbers_quoted_from_the_code(cli):
             f"into {bins} equal-width bins",
             f"K = min({ood.MAX_FOLDS}, n)",
             f"THRESHOLD_MARGIN = {ood.THRESHOLD_MARGIN:g}, q = {quantile:g}",
+            f"(`POPULATION_LAYER = {population.POPULATION_LAYER}`, `COMPONENTS = {population.COMPONENTS}`)",
+            f"the {population.QUANTILE * 100:g}th percentile of held-out distances",
         ],
         "accuracy.md": [
             f"(one subfolder per label, at least {recalibrate.MIN_IMAGES_PER_CLASS} each)",

@@ -59,10 +59,26 @@ def expected(images, real_backbone) -> dict[str, np.ndarray]:
     return {file_sha1(path): bottleneck for path, bottleneck in zip(paths, bottlenecks)}
 
 
-def store_of(bottleneck_dir: Path, backbone) -> Path:
+def store_of(bottleneck_dir: Path, backbone, layer: str = "pool_3") -> Path:
     from mini_retrain.pipeline.bottlenecks import store_folder
 
-    return store_folder(bottleneck_dir, backbone)
+    return store_folder(bottleneck_dir, backbone, layer=layer)
+
+
+def seed_population_store(bottleneck_dir: Path, images: Path, backbone) -> None:
+    """retrain also needs every image's mixed_6 average (the population distance): put all 40 in its store, so that
+    only the pool_3 store decides what is computed."""
+    from mini_retrain.evaluation.population import POPULATION_LAYER
+    from mini_retrain.pipeline.backbone import run_backbone
+    from mini_retrain.pipeline.images import file_sha1, load_backbone_input
+
+    paths = sorted(images.glob("*/*.png"))
+    rows = np.concatenate([run_backbone(backbone, np.stack([load_backbone_input(p) for p in paths[i:i + 10]]),
+                                        layers=(POPULATION_LAYER,)) for i in range(0, len(paths), 10)])
+    store = store_of(bottleneck_dir, backbone, POPULATION_LAYER)
+    store.mkdir(parents=True)
+    np.savez(store / "shard-population.npz", keys=np.array([file_sha1(p) for p in paths], dtype="<U40"),
+             bottlenecks=rows)
 
 
 def read_shards(folder: Path) -> dict[str, np.ndarray]:
@@ -164,6 +180,7 @@ def test_ctrl_c_during_bottlenecks_exits_130_with_one_line(images, expected, rea
                                                            real_backbone_path, tmp_path):
     """The cache holds 32 of the 40 bottlenecks; Ctrl-C while the other 8 are being computed."""
     bottleneck_dir = tmp_path / "bottlenecks"
+    seed_population_store(bottleneck_dir, images, real_backbone)
     store = store_of(bottleneck_dir, real_backbone)
     store.mkdir(parents=True)
     seed = store / "shard-seed.npz"
@@ -189,6 +206,7 @@ def test_damaged_shards_are_named_set_aside_and_only_their_images_recomputed(ima
     """Four shards: 32 good rows, then 8 rows in three damaged shards: 64 bytes overwritten in the middle; the end cut
     off; one bit flipped in the zip directory (the "encrypted" flag, which made zipfile raise RuntimeError)."""
     bottleneck_dir = tmp_path / "bottlenecks"
+    seed_population_store(bottleneck_dir, images, real_backbone)
     store = store_of(bottleneck_dir, real_backbone)
     store.mkdir(parents=True)
     keys = sorted(expected)

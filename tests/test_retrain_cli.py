@@ -300,7 +300,7 @@ def test_fast_decode_is_cached_apart_stored_in_the_graph_and_followed_by_label(t
                  "--bottleneck_dir", str(bottlenecks), "--output_graph", str(graph),
                  "--output_labels", str(tmp_path / "fast.txt"), "--how_many_training_steps", "20",
                  "--fast_decode"]) == 0
-    assert [folder.name.endswith("-fast") for folder in bottlenecks.iterdir()] == [True]
+    assert [folder.name.endswith("-fast") for folder in bottlenecks.iterdir()] == [True, True]  # pool_3, mixed_6
     session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
     assert session.get_modelmeta().custom_metadata_map["fast_decode"] == "1"
 
@@ -376,3 +376,25 @@ def test_errors_name_parameters_and_the_command_line_names_flags(tmp_path, capsy
     monkeypatch.setattr(cam, "explain_images", refuse)
     assert main(["explain", "--graph", str(tmp_path / "graph.onnx"), "--image", str(tmp_path / "icon.png")]) == 2
     assert capsys.readouterr().err.startswith(f"mini_retrain: error: {tmp_path / 'icon.png'}: image is only 4x4 pixels")
+def test_explain_is_exact_for_an_earlier_block_and_pool_3_together(trained, real_backbone_path, tmp_path, capsys):
+    """The real network, --bottleneck_layers mixed_6,pool_3 (the cache of the run above already holds both): one map
+    on mixed_6's 17x17 grid and one on mixed_10's 8x8, whose means add up to logit - bias."""
+    from mini_retrain.evaluation.cam import explain_image, final_weights
+    from mini_retrain.pipeline.retrained_graph import load_retrained
+
+    folder, _ = trained
+    graph = tmp_path / "layers.onnx"
+    assert main(["retrain", "--image_dir", str(folder / "images"), "--backbone", str(real_backbone_path),
+                 "--bottleneck_dir", str(folder / "bottlenecks"), "--output_graph", str(graph),
+                 "--output_labels", str(tmp_path / "layers.txt"), "--how_many_training_steps", "60",
+                 "--testing_percentage", "25", "--validation_percentage", "25", "--device", "cpu",
+                 "--bottleneck_layers", "mixed_6,pool_3"]) == 0
+    assert "16 bottlenecks ready (0 computed now, 16 from the cache" in capsys.readouterr().out
+    model = load_retrained(graph, device="cpu")
+    weights, biases = final_weights(graph)
+    assert weights.shape == (768 + 2048, 2)
+    xray = next(XRAYS.glob("normal/*.jpeg"))
+    result = explain_image(model, weights, biases, xray, tmp_path / "heat.png", 1)
+    assert [np.shape(result["cams"][layer]) for layer in ("mixed_6", "pool_3")] == [(17, 17), (8, 8)]
+    assert result["cam_mean"] == pytest.approx(result["logit"] - result["bias"], rel=1e-4, abs=1e-4)
+    assert abs(result["cam_means"]["mixed_6"]) > 1e-3 and abs(result["cam_means"]["pool_3"]) > 1e-3  # both count

@@ -28,7 +28,8 @@ import numpy as np
 
 from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
-from mini_retrain.pipeline.dataset import Dataset, load_dataset
+from mini_retrain.evaluation.population import POPULATION_LAYER
+from mini_retrain.pipeline.dataset import Dataset, load_dataset, standardises
 from mini_retrain.settings import RetrainSettings, bottleneck_folder, check_writable
 from mini_retrain.core.softmax_layer import compute_logits, softmax
 from mini_retrain.core.split import check_group_pattern, hash_key
@@ -154,7 +155,8 @@ def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, *, ho
         batch_size = min(train_batch_size, int((~held_out).sum()))  # capped at the training set, as in retrain
         layer = train_layer(dataset.bottlenecks[~held_out], y[~held_out], len(labels), rng,
                             how_many_training_steps=how_many_training_steps, learning_rate=learning_rate,
-                            train_batch_size=batch_size, class_balancing=class_balancing)
+                            train_batch_size=batch_size, class_balancing=class_balancing,
+                            standardise=standardises(dataset.layers))  # scaled by the fold's training rows only
         probabilities[held_out] = softmax(compute_logits(dataset.bottlenecks[held_out], layer.weights, layer.biases))
         correct = int(np.sum(probabilities[held_out].argmax(axis=1) == y[held_out]))
         accuracy = _rate(correct, int(held_out.sum()))
@@ -190,8 +192,8 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
              log: Callable[[str], None] = print) -> dict:
     """`mini_retrain crossval`: load every image's bottleneck (cached), cross-validate, write the JSON; return it.
 
-    Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, how_many_training_steps, learning_rate,
-    train_batch_size, class_balancing, random_seed, positive_label and report of `settings`; the split
+    Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, bottleneck_layers, how_many_training_steps,
+    learning_rate, train_batch_size, class_balancing, random_seed, positive_label and report of `settings`; the split
     percentages are ignored. Every flag and output is checked before the first image is decoded.
     """
     # 0% validation, 0% testing: every image is "training", i.e. every image takes part.
@@ -201,14 +203,17 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
     check_writable(bottleneck_folder(settings), "--bottleneck_dir", is_folder=True)
     if settings.report is not None:
         check_writable(settings.report, "--report", is_folder=True)
+    # pool_3 and the population layer ride along in the same forward pass, so a later retrain finds them cached.
     dataset = load_dataset(settings, log, check_lists=lambda image_lists: check_folds(folds, image_lists,
-                                                                                 settings.group_pattern))
+                                                                                 settings.group_pattern),
+                           optional_layers=("pool_3", POPULATION_LAYER))
     result = cross_validate(dataset, folds, np.random.default_rng(settings.random_seed),
                             how_many_training_steps=settings.how_many_training_steps,
                             learning_rate=settings.learning_rate, train_batch_size=settings.train_batch_size,
                             class_balancing=settings.class_balancing, positive_label=settings.positive_label, log=log,
                             group_pattern=settings.group_pattern)
     result["random_seed"] = settings.random_seed
+    result["bottleneck_layers"] = list(dataset.layers)
     _warn_about_identical_images(dataset, result["predictions"], log)
     write_bytes_atomically(output_json, (json.dumps(result, indent=2) + "\n").encode())
     log(f"Wrote {output_json}")

@@ -5,7 +5,10 @@
 
 and, new here, a warning when the image is unlike every training image (the original experiment's cow, called
 "normal (score = 0.99828)"): the graph's `ood_distance` output is the Mahalanobis distance of the image's bottleneck
-to the nearest class mean of the training bottlenecks; beyond the threshold stored in the graph the scores mean little.
+to the nearest class mean of the training bottlenecks; beyond the threshold stored in the graph the scores mean little. A second
+warning, `population_distance`, says an X-ray is unlike the training X-rays (an adult film for a model of children's
+films; another machine or view): the distance on an earlier block's average (evaluation/population.py), with its own
+threshold in the graph.
 
 Images go through the graph in batches, decoded by threads (retrained_graph.predict_images), and each image's lines
 are printed as soon as its batch is done; a long folder shows a progress line on stderr.
@@ -25,13 +28,17 @@ import numpy as np
 from PIL import Image
 
 from mini_retrain.evaluation.ood import OOD_WARNING  # explain prints the same words
+from mini_retrain.evaluation.population import population_warning
 from mini_retrain.pipeline.bottlenecks import progress_line
 from mini_retrain.pipeline.retrained_graph import DISTANCE_OUTPUTS, Prediction, RetrainedModel, flags, predict_images
 
 NUM_TOP_PREDICTIONS = 5  # label_image's default: the five most likely labels
 
-# The warning printed under an image for each flag of retrained_graph.DISTANCE_OUTPUTS (its distance, threshold).
-WARNINGS = {"out_of_distribution": OOD_WARNING}
+EXPECTED_SHARE = "1%"  # of images like the training ones above the population threshold (population.py)
+# The warning printed under an image for each flag of retrained_graph.DISTANCE_OUTPUTS: (distance, threshold) -> line.
+WARNINGS = {"out_of_distribution": lambda distance, threshold: OOD_WARNING.format(distance=distance,
+                                                                                threshold=threshold),
+            "other_population": population_warning}
 PROGRESS_ABOVE = 50  # a run over more images than this shows a progress line even when stderr is not a terminal
 
 
@@ -76,7 +83,7 @@ def format_result(result: dict) -> list[str]:
     lines = [result["image"]] + [f"{p['label']} (score = {p['score']:.5f})" for p in result["predictions"]]
     for output, threshold, flag, _ in DISTANCE_OUTPUTS:
         if result.get(flag):
-            lines.append(WARNINGS[flag].format(distance=result[output], threshold=result[threshold]))
+            lines.append(WARNINGS[flag](result[output], result[threshold]))
     return lines
 
 
@@ -105,11 +112,12 @@ def print_labels(model: RetrainedModel, paths: list[Path], num_top_predictions: 
     Returns how many images were labelled; none at all is a ValueError (the command exits non-zero).
     """
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
-    labelled = 0
+    labelled, scored = 0, []
     results = label_stream(model, paths, num_top_predictions, on_batch=progress_for(len(paths), "Labelling", stderr))
     for number, result in enumerate(results):
         clear_progress(stderr)
         labelled += "error" not in result
+        scored.append({key: result[key] for key in ("other_population",) if key in result})
         if not as_json:
             print("\n".join(format_result(result)), file=stdout, flush=True)
             continue
@@ -119,7 +127,21 @@ def print_labels(model: RetrainedModel, paths: list[Path], num_top_predictions: 
         print(("[\n" if number == 0 else ",\n") + record, end="", file=stdout, flush=True)
     if as_json:
         print("\n]", file=stdout, flush=True)
+    summary = population_summary(scored) if len(paths) > 1 else None
+    if summary:
+        print(summary, file=stderr if as_json else stdout, flush=True)
     if labelled == 0:
         raise ValueError(f"none of the {len(paths)} image(s) could be read (see the Skipping lines); "
                          "pass X-ray files in a format read_image accepts (.jpg, .png, .dcm)")
     return labelled
+
+
+def population_summary(results: list[dict]) -> str | None:
+    """One line for a folder: how many images the population distance flags, against the share expected by chance
+    (its threshold is the 99th percentile of held-out training distances). None when the graph has no such distance."""
+    scored = [result for result in results if "other_population" in result]
+    if not scored:
+        return None
+    flagged = sum(result["other_population"] for result in scored)
+    return (f"{flagged} of {len(scored)} images are unlike the training images "
+            f"(about {EXPECTED_SHARE} expected for images like them)")

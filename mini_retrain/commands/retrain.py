@@ -2,10 +2,11 @@
 
     1. find_images       one subfolder per class                                    (image_lists.py)
     2. split             stable hash of each relative path -> training/validation/testing   (split.py)
-    3. bottlenecks       pool_3 of every image, cached                                (bottlenecks.py)
+    3. bottlenecks       pool_3 (or --bottleneck_layers) of every image, cached       (bottlenecks.py)
     4. train             softmax layer, cross-entropy, gradient descent, random batches   (train.py)
     5. test              "Final test accuracy = X% (N=M)", with confidence intervals  (metrics.py)
-    6. write             the graph (backbone + final layer + OOD distance), labels, weights, metrics  (export.py)
+    6. write             the graph (backbone + final layer + OOD and population distances), labels, weights,
+                         metrics  (export.py)
 
 Before step 1, settings.check_settings checks every flag and output path, so nothing fails after the bottlenecks.
 Every output goes beside --output_graph, named after it (settings.output_files). The log says the split sizes, and
@@ -26,10 +27,11 @@ import numpy as np
 
 from mini_retrain import __version__
 from mini_retrain.core.split import SPLITS
-from mini_retrain.core.train import FinalLayer, train_final_layer
+from mini_retrain.core.train import FinalLayer, folded, standardisation, train_final_layer
+from mini_retrain.evaluation.population import POPULATION_LAYER
 from mini_retrain.paths import write_bytes_atomically
-from mini_retrain.pipeline.backbone import run_backbone
-from mini_retrain.pipeline.dataset import load_dataset
+from mini_retrain.pipeline.backbone import parse_layers, run_backbone
+from mini_retrain.pipeline.dataset import load_dataset, standardises
 from mini_retrain.settings import RetrainSettings, check_settings, output_files
 
 
@@ -51,8 +53,9 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print,
     from mini_retrain.evaluation.ood import fit_ood_model
     from mini_retrain.core.softmax_layer import compute_logits, softmax
 
-    # 1-3. Images, their labels and splits, their bottlenecks.
-    dataset = load_dataset(settings, log)
+    # 1-3. Images, their labels and splits, their bottlenecks; from the same forward pass, pool_3 for the OOD
+    # distance and an earlier block for the population distance (when the backbone offers it).
+    dataset = load_dataset(settings, log, extra_layers=("pool_3",), optional_layers=(POPULATION_LAYER,))
     backbone, labels = dataset.backbone, dataset.labels
     train_x, train_y, train_files = dataset.split("training")
     validation_x, validation_y, _ = dataset.split("validation")
@@ -60,7 +63,7 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print,
     counts = split_counts(dataset)
     log(format_split(counts))
 
-    # 4. Train.
+    # 4. Train; an earlier block's features standardised by the training rows, the scaling folded in after (train.py).
     rng = np.random.default_rng(settings.random_seed)
     distorted = _distorted_bottlenecks(settings, backbone, train_files, rng) if _wants_distortions(settings) else None
     step_log = (lambda line: None) if progress is not None else log
@@ -68,6 +71,16 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print,
                              if settings.intermediate_store_frequency > 0 else (None, []))
     # Drawing 16 images with replacement from 8 is no bigger a batch than the 8 themselves: cap it.
     batch_size = min(settings.train_batch_size, len(train_y))
+    scaled = standardises(dataset.layers)
+    if scaled:
+        mean, scale = standardisation(train_x)
+        log(f"Features standardised for training (mean and standard deviation of the {len(train_y)} training "
+            "images), then folded into the final layer")
+        train_x, validation_x = (train_x - mean) / scale, (validation_x - mean) / scale
+        if distorted is not None:  # freshly distorted bottlenecks, scaled like the cached ones
+            distorted = lambda indices, raw=distorted: (raw(indices) - mean) / scale  # noqa: E731
+        if on_step is not None:  # intermediate graphs compute x W + b on the raw features too
+            on_step = lambda step, layer, write=on_step: write(step, folded(layer, mean, scale))  # noqa: E731
     started = time.perf_counter()
     layer, history = train_final_layer(
         train_x, train_y, validation_x, validation_y, len(labels), rng,
@@ -83,6 +96,8 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print,
     if intermediate:
         log(f"Wrote {len(intermediate)} intermediate graphs (the final layer only, without the backbone) to "
             f"{outputs['intermediate_graphs']}")
+    if scaled:
+        layer = folded(layer, mean, scale)  # now a function of the raw features, as the graph computes it
 
     # 5. Test, once, on images the training never saw.
     if len(test_y):
@@ -111,21 +126,27 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print,
         evaluation, misclassified = {"n": 0}, []
 
     # 6. Write everything.
-    ood = fit_ood_model(train_x, train_y, len(labels))
+    ood = fit_ood_model(dataset.split("training", ("pool_3",))[0], train_y, len(labels))  # whatever layer is trained
+    population = _fit_population(dataset, log)
     internal_test = None if not evaluation["n"] else {
         "n": evaluation["n"], "correct": evaluation["accuracy"]["successes"],
         "accuracy": evaluation["accuracy"]["estimate"], "ci": evaluation["accuracy"]["ci"]}
     model = build_retrained_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name, ood,
-                                  settings.fast_decode, internal_test)
+                                  settings.fast_decode, internal_test, dataset.layers, population)
     write_retrained_graph(outputs["graph"], model)
     write_labels(outputs["labels"], labels)
     write_final_layer(outputs["weights"], layer.weights, layer.biases, labels)
     evaluation["history"] = history
+    evaluation["bottleneck_layers"] = list(dataset.layers)
+    evaluation["feature_scaling"] = "standardised, folded into the final layer" if scaled else "none"
     evaluation["ood_threshold"] = float(ood.threshold)
     evaluation["run"] = run_record(settings, "retrain", counts, ood_threshold=float(ood.threshold))
     # Which image went where, for an audit (one patient in two splits?): paths relative to image_dir.
     evaluation["splits"] = {split: sorted(f for f, s in zip(dataset.files, dataset.splits) if s == split)
                             for split in ("training", "validation", "testing")}
+    if population is not None:
+        evaluation["population_layer"] = population.layer
+        evaluation["population_threshold"] = float(population.threshold)
     _write_text(outputs["metrics"], json.dumps(evaluation, indent=2) + "\n")
     if settings.summaries_dir is not None:
         _write_summaries(settings.summaries_dir, history)
@@ -200,6 +221,25 @@ def command_line(settings: RetrainSettings, command: str, skip: tuple[str, ...] 
     return " ".join(words)
 
 
+def _fit_population(dataset, log: Callable[[str], None]):
+    """The population distance on the training images (population.py), or None with a line saying why not."""
+    from mini_retrain.evaluation.population import MIN_IMAGES, fit_population_model
+
+    if POPULATION_LAYER not in (dataset.pooled or {}):
+        log(f"WARNING: the backbone {dataset.backbone.path} has no layer {POPULATION_LAYER}, so the graph gets no "
+            "warning for X-rays of another population; rebuild it with `mini_retrain backbone`")
+        return None
+    pooled = dataset.split("training", (POPULATION_LAYER,))[0]  # (n_train, 768) for mixed_6
+    if len(pooled) < MIN_IMAGES:
+        log(f"WARNING: {len(pooled)} training images are too few for the population distance "
+            f"(at least {MIN_IMAGES}); the graph gets no warning for X-rays of another population")
+        return None
+    population = fit_population_model(pooled, POPULATION_LAYER)
+    log(f"Population distance on {POPULATION_LAYER}: threshold {population.threshold:.1f} (99% of held-out "
+        "training images below it)")
+    return population
+
+
 def _wants_distortions(settings: RetrainSettings) -> bool:
     from mini_retrain.pipeline.distortions import distortions_requested
 
@@ -215,6 +255,7 @@ def _distorted_bottlenecks(settings: RetrainSettings, backbone, train_files: lis
     from mini_retrain.pipeline.distortions import distort
     from mini_retrain.pipeline.images import read_image
 
+    layers = parse_layers(settings.bottleneck_layers)
     size = backbone.sidecar["input_size"][0]
     largest = int(np.ceil(size * (1 + settings.random_crop / 100) * (1 + settings.random_scale / 100)))
     decoded: dict[int, np.ndarray] = {}
@@ -229,7 +270,7 @@ def _distorted_bottlenecks(settings: RetrainSettings, backbone, train_files: lis
             batch.append(distort(decoded[i].astype(np.float32), rng, settings.flip_left_right, settings.random_crop,
                                  settings.random_scale, settings.random_brightness, size,
                                  backbone.sidecar["input_mean"], backbone.sidecar["input_std"]))
-        return run_backbone(backbone, np.stack(batch))
+        return run_backbone(backbone, np.stack(batch), layers=layers)  # (batch, D)
 
     return bottlenecks_for
 

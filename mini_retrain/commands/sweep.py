@@ -1,6 +1,7 @@
 """A grid search over the final layer's settings: chosen on the validation split only, then tested once.
 
-    for learning_rate in --learning_rates, steps in --how_many_training_steps, balancing in --class_balancing:
+    for layers in --bottleneck_layers, learning_rate in --learning_rates, steps in --how_many_training_steps,
+            balancing in --class_balancing:
         train the final layer on the training split        (the same seed for every setting: only the setting differs)
         accuracy and cross-entropy on the WHOLE validation split
     winner = highest validation accuracy (ties: lowest validation cross-entropy, then the first in the grid)
@@ -11,6 +12,10 @@ in part, the setting that was lucky on those particular images; its test accurac
 an honest estimate for new patients. The validation split is there to absorb that optimism, so the code below does
 not even read the test bottlenecks until the winner is fixed.
 
+--bottleneck_layers is a list of alternatives separated by ';', each what retrain's --bottleneck_layers takes:
+"pool_3;mixed_8;pool_3,mixed_8" tries pool_3 alone, mixed_8 alone, and the two side by side. Every layer of every
+alternative comes from one pass through the backbone (and the cache), so trying layers costs no more forward passes.
+
 class balancing, i.e. how each training batch is drawn:
     on   retrain.py's sampler (sampling.sample_batch): a class uniformly, then one of its images. Every class weighs
          the same in the loss however rare it is (1000 normal vs 10 tuberculosis still gives ~50% / ~50%).
@@ -20,6 +25,7 @@ class balancing, i.e. how each training batch is drawn:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -32,7 +38,9 @@ import numpy as np
 from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.commands.crossval import check_output_json
 from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
-from mini_retrain.pipeline.dataset import Dataset, load_dataset
+from mini_retrain.evaluation.population import POPULATION_LAYER
+from mini_retrain.pipeline.backbone import parse_layers
+from mini_retrain.pipeline.dataset import Dataset, load_dataset, standardises
 from mini_retrain.settings import RetrainSettings, bottleneck_folder, check_writable
 from mini_retrain.core.softmax_layer import compute_logits, cross_entropy, softmax
 from mini_retrain.core.train import FinalLayer, train_layer
@@ -59,40 +67,48 @@ def _validation_row(layer: FinalLayer, bottlenecks: np.ndarray, labels: np.ndarr
 
 def grid_search(dataset: Dataset, learning_rates: list[float], how_many_training_steps: list[int],
                 class_balancing: list[bool], *, random_seed: int, train_batch_size: int,
-                positive_label: str | None = None, log: Callable[[str], None] = print) -> dict:
+                positive_label: str | None = None, log: Callable[[str], None] = print,
+                layer_choices: list[tuple[str, ...]] | None = None) -> dict:
     """Train every setting of the grid on the training split, choose on validation, test the winner once.
 
-    Returns a JSON-serialisable dict: settings (one row per setting, grid order: learning_rate, how_many_training_steps,
-    class_balancing, validation_accuracy, validation_cross_entropy), chosen_index, chosen, and test
+    layer_choices: alternatives for the bottleneck layers, each loaded in `dataset` (default: its own layers).
+    Returns a JSON-serialisable dict: settings (one row per setting, grid order: bottleneck_layers, learning_rate,
+    how_many_training_steps, class_balancing, validation_accuracy, validation_cross_entropy), chosen_index, chosen, and test
     (metrics.evaluate of the winner on the test split; None when there are no test images).
     """
-    train_x, train_y, _ = dataset.split("training")
-    validation_x, validation_y, _ = dataset.split("validation")
+    layer_choices = [tuple(choice) for choice in layer_choices or [dataset.layers]]
+    validation_y = dataset.split("validation")[1]
     if not len(validation_y):
         raise ValueError(f"{dataset.image_dir}: no validation images to choose on; raise validation_percentage")
 
     rows, layers = [], []
-    batch_size = min(train_batch_size, int(train_y.size))  # capped at the training set, as in retrain
-    for learning_rate, steps, balanced in itertools.product(learning_rates, how_many_training_steps, class_balancing):
-        # A fresh generator with the same seed for every setting: the same initial weights and, for the same
-        # sampler, the same batches, so the settings differ only in what the grid changes.
-        rng = np.random.default_rng(random_seed)
-        layer = train_layer(train_x, train_y, len(dataset.labels), rng, how_many_training_steps=steps,
-                            learning_rate=learning_rate, train_batch_size=batch_size, class_balancing=balanced)
-        accuracy, validation_cross_entropy = _validation_row(layer, validation_x, validation_y)
-        rows.append({"learning_rate": learning_rate, "how_many_training_steps": steps,
-                     "class_balancing": "on" if balanced else "off", "validation_accuracy": accuracy,
-                     "validation_cross_entropy": validation_cross_entropy})
-        layers.append(layer)
+    for choice in layer_choices:
+        train_x, train_y, _ = dataset.split("training", choice)
+        validation_x = dataset.split("validation", choice)[0]
+        batch_size = min(train_batch_size, int(train_y.size))  # capped at the training set, as in retrain
+        for learning_rate, steps, balanced in itertools.product(learning_rates, how_many_training_steps,
+                                                                class_balancing):
+            # A fresh generator with the same seed for every setting: the same initial weights and, for the same
+            # sampler, the same batches, so the settings differ only in what the grid changes.
+            rng = np.random.default_rng(random_seed)
+            layer = train_layer(train_x, train_y, len(dataset.labels), rng, how_many_training_steps=steps,
+                                learning_rate=learning_rate, train_batch_size=batch_size, class_balancing=balanced,
+                                standardise=standardises(choice))
+            accuracy, validation_cross_entropy = _validation_row(layer, validation_x, validation_y)
+            rows.append({"bottleneck_layers": ",".join(choice), "learning_rate": learning_rate,
+                         "how_many_training_steps": steps, "class_balancing": "on" if balanced else "off",
+                         "validation_accuracy": accuracy, "validation_cross_entropy": validation_cross_entropy})
+            layers.append(layer)
     best = choose_setting(rows)
     for line in _table(rows, best):
         log(line)
     chosen = rows[best]
     log(f"Chosen on validation only (highest accuracy; ties: lowest cross-entropy): learning_rate "
-        f"{chosen['learning_rate']:g}, {chosen['how_many_training_steps']} steps, class balancing {chosen['class_balancing']}")
+        f"{chosen['learning_rate']:g}, {chosen['how_many_training_steps']} steps, class balancing {chosen['class_balancing']}"
+        + (f", bottleneck layers {chosen['bottleneck_layers']}" if len(layer_choices) > 1 else ""))
 
     # Only now, with the winner fixed, are the test images read: once, for one setting.
-    test_x, test_y, _ = dataset.split("testing")
+    test_x, test_y, _ = dataset.split("testing", tuple(chosen["bottleneck_layers"].split(",")))
     if len(test_y):
         probabilities = softmax(compute_logits(test_x, layers[best].weights, layers[best].biases))  # (n, classes)
         test = evaluate(probabilities, test_y, dataset.labels, positive_label)
@@ -107,17 +123,20 @@ def grid_search(dataset: Dataset, learning_rates: list[float], how_many_training
 
 
 def _table(rows: list[dict], best: int) -> list[str]:
-    """One line per setting; '*' marks the winner."""
+    """One line per setting; '*' marks the winner. The layers get a column when there is more than one choice."""
     accuracies = [f"{100 * r['estimate']:.1f}% ({r['successes']}/{r['n']}, "
                   f"95% CI {100 * r['ci'][0]:.1f}-{100 * r['ci'][1]:.1f}%)"
                   for r in (row["validation_accuracy"] for row in rows)]
     width = max(len(text) for text in accuracies + ["validation accuracy"])
+    choices = [row["bottleneck_layers"] for row in rows]
+    named = max(len(text) for text in choices + ["bottleneck_layers"]) if len(set(choices)) > 1 else 0
     lines = [f"Validation results of {len(rows)} settings (N={rows[0]['validation_accuracy']['n']} validation images; "
              "test images not used):",
-             f"  {'learning_rate':>13}  {'steps':>6}  {'class_balancing':>15}  {'validation accuracy':<{width}}  "
-             "cross-entropy"]
+             f"  {'bottleneck_layers'[:named]:<{named}}{'  ' if named else ''}{'learning_rate':>13}  {'steps':>6}  "
+             f"{'class_balancing':>15}  {'validation accuracy':<{width}}  cross-entropy"]
     for i, (row, accuracy) in enumerate(zip(rows, accuracies)):
-        lines.append(f"{'*' if i == best else ' '} {row['learning_rate']:>13g}  {row['how_many_training_steps']:>6d}  "
+        layers = f"{row['bottleneck_layers']:<{named}}  " if named else ""
+        lines.append(f"{'*' if i == best else ' '} {layers}{row['learning_rate']:>13g}  {row['how_many_training_steps']:>6d}  "
                      f"{row['class_balancing']:>15}  {accuracy:<{width}}  {row['validation_cross_entropy']:.4f}")
     return lines
 
@@ -156,21 +175,33 @@ def parse_grid(learning_rates: str, how_many_training_steps: str, class_balancin
     return rates, steps, balancing
 
 
+def parse_layer_choices(text: str) -> list[tuple[str, ...]]:
+    """sweep's --bottleneck_layers: "pool_3;mixed_8;pool_3,mixed_8" -> [("pool_3",), ("mixed_8",), ("pool_3", "mixed_8")]."""
+    choices = [parse_layers(item.strip()) for item in str(text).split(";")]
+    if len(set(choices)) != len(choices):
+        raise ValueError(f"bottleneck_layers {text!r} gives the same alternative twice")
+    return choices
+
+
 def sweep(settings: RetrainSettings, learning_rates: list[float], how_many_training_steps: list[int],
           class_balancing: list[bool], output_json: Path = Path("sweep.json"),
           log: Callable[[str], None] = print) -> dict:
     """`mini_retrain sweep`: load the bottlenecks (cached) and the hash split, run the grid search, write the JSON.
 
     Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, validation_percentage, testing_percentage,
-    train_batch_size, random_seed and positive_label of `settings`. Every flag and output is checked before the
-    first image is decoded.
+    train_batch_size, random_seed and positive_label of `settings`, and its bottleneck_layers as alternatives
+    separated by ';' (parse_layer_choices). Every flag and output is checked before the first image is decoded.
     """
+    choices = parse_layer_choices(settings.bottleneck_layers)
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
     check_writable(bottleneck_folder(settings), "--bottleneck_dir", is_folder=True)
-    dataset = load_dataset(settings, log)
+    every_layer = tuple(dict.fromkeys(layer for choice in choices for layer in choice))
+    dataset = load_dataset(dataclasses.replace(settings, bottleneck_layers=",".join(choices[0])), log,
+                           extra_layers=every_layer,  # and, for a later retrain, what it needs besides
+                           optional_layers=("pool_3", POPULATION_LAYER))
     result = grid_search(dataset, learning_rates, how_many_training_steps, class_balancing,
                          random_seed=settings.random_seed, train_batch_size=settings.train_batch_size,
-                         positive_label=settings.positive_label, log=log)
+                         positive_label=settings.positive_label, log=log, layer_choices=choices)
     log("To retrain with these settings: " + retrain_command(settings, result["chosen"]))
     write_bytes_atomically(output_json, (json.dumps(result, indent=2) + "\n").encode())
     log(f"Wrote {output_json}")
@@ -179,8 +210,10 @@ def sweep(settings: RetrainSettings, learning_rates: list[float], how_many_train
 
 def retrain_command(settings: RetrainSettings, chosen: dict) -> str:
     """The retrain command with the winner's settings, on the folder the sweep ran on."""
+    layers = chosen.get("bottleneck_layers", "pool_3")
     return (f"mini_retrain retrain --image_dir {shlex.quote(str(settings.image_dir))} "
-            f"--learning_rate {chosen['learning_rate']:g} "
+            + (f"--bottleneck_layers {layers} " if layers != "pool_3" else "")
+            + f"--learning_rate {chosen['learning_rate']:g} "
             f"--how_many_training_steps {chosen['how_many_training_steps']} "
             f"--class_balancing {chosen['class_balancing']} --train_batch_size {settings.train_batch_size} "
             f"--validation_percentage {settings.validation_percentage:g} "

@@ -10,7 +10,10 @@
             "Step N: Validation accuracy = Z% (N=M)"   on a fresh random validation batch
 
 Only the final layer learns; the bottlenecks are fixed numbers, which is why thousands of steps take well under a
-second. With distortions, `distorted_bottlenecks` replaces the cached training bottlenecks of each batch by those of
+second. Features of an earlier block (--bottleneck_layers mixed_6, ...) are far smaller than pool_3's (a typical
+standard deviation of 0.02-0.06 against 0.2), so at retrain.py's learning rate the layer barely moves from its
+start; they are trained standardised, (x - mean) / scale with the training rows' mean and standard deviation, and
+the scaling is then folded into the layer (`standardisation`, `folded`), so the graph still computes x W + b. With distortions, `distorted_bottlenecks` replaces the cached training bottlenecks of each batch by those of
 freshly distorted images (slow: the backbone runs at every step, as in retrain.py).
 """
 
@@ -30,6 +33,24 @@ from mini_retrain.core.softmax_layer import (
 class FinalLayer(NamedTuple):
     weights: np.ndarray  # (bottleneck_size, class_count) float32
     biases: np.ndarray  # (class_count,) float32
+
+
+def standardisation(bottlenecks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean (D,), scale (D,)) of (n, D) training rows: each feature's mean and standard deviation (a feature that
+    never varies keeps scale 1), float32."""
+    bottlenecks = np.asarray(bottlenecks, dtype=np.float64)
+    mean, scale = bottlenecks.mean(axis=0), bottlenecks.std(axis=0)  # (D,), (D,)
+    return mean.astype(np.float32), np.where(scale > 0, scale, 1.0).astype(np.float32)
+
+
+def folded(layer: FinalLayer, mean: np.ndarray, scale: np.ndarray) -> FinalLayer:
+    """A layer trained on (x - mean) / scale, as the same function of x itself:
+
+        ((x - m) / s) W + b = x W' + b',   W' = W / s (row by row),   b' = b - (m / s) W
+    """
+    weights = layer.weights / scale[:, None]  # (D, C): row d divided by s_d
+    biases = layer.biases - (mean / scale) @ layer.weights  # (C,) - (D,) @ (D, C)
+    return FinalLayer(weights.astype(np.float32), biases.astype(np.float32))
 
 
 def accuracy(layer: FinalLayer, bottlenecks: np.ndarray, labels: np.ndarray) -> float:
@@ -129,16 +150,20 @@ def train_final_layer(
 
 def train_layer(bottlenecks: np.ndarray, labels: np.ndarray, class_count: int, rng: np.random.Generator, *,
                 how_many_training_steps: int, learning_rate: float, train_batch_size: int,
-                class_balancing: bool) -> FinalLayer:
+                class_balancing: bool, standardise: bool = False) -> FinalLayer:
     """train_final_layer without its log lines and validation: one fold of crossval, one setting of sweep.
 
     bottlenecks (n, D), labels (n,). Each step: a batch (class-balanced or uniform over images, see
-    sampling.py), then one gradient descent step on the batch's mean cross-entropy.
+    sampling.py), then one gradient descent step on the batch's mean cross-entropy. standardise: train on the
+    standardised rows and return the layer folded back onto the raw ones (`standardisation`, `folded`).
     """
+    if standardise:
+        mean, scale = standardisation(bottlenecks)
+        bottlenecks = (bottlenecks - mean) / scale  # (n, D)
     no_validation = np.zeros((0, np.shape(bottlenecks)[1]), np.float32), np.zeros(0, np.int64)
     layer, _ = train_final_layer(bottlenecks, labels, *no_validation, class_count, rng,
                                  how_many_training_steps=how_many_training_steps, learning_rate=learning_rate,
                                  train_batch_size=train_batch_size, validation_batch_size=-1,
                                  eval_step_interval=how_many_training_steps, class_balancing=class_balancing,
                                  log=lambda line: None)
-    return layer
+    return folded(layer, mean, scale) if standardise else layer

@@ -10,6 +10,15 @@ and the retrained layer is linear, so the logit of class c splits exactly over t
     CAM_c(y, x) = w_c . f(y, x)                             (8, 8)
     mean(CAM_c) = logit_c - b_c                             (tested)
 
+The same holds for any block (--bottleneck_layers): each layer l is the average of its own feature map f_l over its
+own grid (17 x 17 for mixed_4, 8 x 8 for mixed_8, 35 x 35 for mixed), and its rows w_{c,l} of the weights meet only
+its numbers, so with several layers side by side
+
+    logit_c - b_c = sum_l w_{c,l} . mean_{y,x} f_l(y, x) = sum_l mean(CAM_{c,l}),   CAM_{c,l} = w_{c,l} . f_l(y, x)
+
+one map per layer, each on its own grid (tested). For the picture, each map is stretched over the image and the
+maps are added.
+
 Each cell of the 8x8 map covers about 37x37 pixels of the 299x299 input. The picture gets a legend below it: the class
 and its score, a colour bar from the map's lowest to its highest value, and label's out-of-distribution warning when
 the image is unlike the training images (the console gets the same line). An --output ending in .png/.jpg/.jpeg is one
@@ -20,6 +29,7 @@ is medically meaningful: a model that learned a hospital's text markers will lig
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,6 +39,7 @@ from PIL import Image
 from mini_retrain.evaluation.ood import OOD_WARNING
 from mini_retrain.pipeline.retrained_graph import RetrainedModel, image_name, load_retrained, model_input
 from mini_retrain.pipeline.images import read_image
+from mini_retrain.evaluation.population import population_warning
 from mini_retrain.settings import check_writable
 
 HEAT_MAP_SUFFIXES = (".png", ".jpg", ".jpeg")  # an --output ending so is one file, anything else a folder
@@ -46,6 +57,16 @@ def colour_map(values: np.ndarray) -> np.ndarray:
     clipped = np.clip(values, 0.0, 1.0)
     rgb = np.stack([np.interp(clipped, stops, colours[:, channel]) for channel in range(3)], axis=-1)
     return rgb.astype(np.uint8)
+
+
+def added_maps(cams: list[np.ndarray], size: int) -> np.ndarray:
+    """The layers' maps, each stretched (bilinear) to size x size, added: one picture of all the evidence.
+    [(h1, w1), (h2, w2), ...] -> (size, size); a single map is returned as it is."""
+    if len(cams) == 1:
+        return cams[0]
+    stretched = [np.asarray(Image.fromarray(cam.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR))
+                 for cam in cams]
+    return np.sum(stretched, axis=0)  # (size, size)
 
 
 def overlay(image: Image.Image, cam: np.ndarray, opacity: float = 0.45) -> Image.Image:
@@ -121,39 +142,76 @@ def with_legend(picture: Image.Image, class_name: str, score: float, low: float,
     return combined
 
 
-def explain_image(model: RetrainedModel, weights: np.ndarray, biases: np.ndarray, image: Path | Image.Image,
-                  output: Path, class_index: int | None = None, name: str | None = None) -> dict:
-    """Write the heat map (with its legend) for one image; return the class, its score, logit, the CAM's mean
-    (= logit - bias) and, when the graph has the check, the out-of-distribution distance and flag.
-
-    image: a file, or an image already in memory (images.to_image), called `name` in the result."""
+def feature_maps(model: RetrainedModel) -> dict[str, str]:
+    """{layer: graph output of its feature map}, in the order of the final layer's rows (the graph's
+    bottleneck_layers). A graph from before --bottleneck_layers reads pool_3, whose map is its spatial_output."""
+    if "feature_maps" in model.metadata:
+        maps = json.loads(model.metadata["feature_maps"])
+        layers = json.loads(model.metadata["bottleneck_layers"])
+        missing = [layer for layer in layers if layer not in maps]
+        if missing:
+            raise ValueError(f"{model.path}: the backbone gives no feature map of {', '.join(missing)}, so no "
+                             "activation map can be made")
+        return {layer: maps[layer] for layer in layers}
     spatial_name = model.metadata.get("spatial_output")
     if not spatial_name:
         raise ValueError(f"{model.path}: the backbone has no spatial output, so no activation map can be made")
+    return {model.metadata.get("bottleneck_output", "pool_3"): spatial_name}
+
+
+def explain_image(model: RetrainedModel, weights: np.ndarray, biases: np.ndarray, image: Path | Image.Image,
+                  output: Path, class_index: int | None = None, name: str | None = None) -> dict:
+    """Write the heat map (with its legend) for one image; return the class, its score, logit, each layer's map and
+    their means (which add up to logit - bias), and the numbers of each warning the graph can give (the
+    out-of-distribution distance, the population distance).
+
+    image: a file, or an image already in memory (images.to_image), called `name` in the result."""
+    maps = feature_maps(model)
+    distances = [output for output, key in (("ood_distance", "ood_threshold"),
+                                            ("population_distance", "population_threshold")) if key in model.metadata]
     x = model_input(model, image)[None]  # (1, 3, H, W)
-    names = [model.metadata["final_tensor_name"], "final_logits", spatial_name]
-    has_ood = "ood_threshold" in model.metadata
-    values = model.session.run(names + (["ood_distance"] if has_ood else []), {model.metadata["input_name"]: x})
-    probabilities, logits, spatial = values[:3]
+    outputs = [model.metadata["final_tensor_name"], "final_logits", *maps.values()]
+    values = model.session.run(outputs + distances, {model.metadata["input_name"]: x})
+    probabilities, logits, spatial = values[0], values[1], values[2:2 + len(maps)]
+    found = dict(zip(distances, values[2 + len(maps):]))
     if class_index is None:
         class_index = int(probabilities[0].argmax())
-    cam = class_activation_map(spatial[0], weights, class_index)  # (8, 8)
+    cams, start = {}, 0
+    for layer, feature_map in zip(maps, spatial):  # the final layer's rows: layer after layer, channel by channel
+        channels = feature_map.shape[1]
+        cams[layer] = class_activation_map(feature_map[0], weights[start:start + channels], class_index)  # (h, w)
+        start += channels
+    if start != weights.shape[0]:
+        raise ValueError(f"{model.path}: the feature maps have {start} channels but the final layer has "
+                         f"{weights.shape[0]} rows; the graph is damaged, retrain it")
     result = {"image": name or str(image), "heat_map": str(output), "label": model.labels[class_index],
               "score": float(probabilities[0, class_index]), "logit": float(logits[0, class_index]),
-              "bias": float(biases[class_index]), "cam_mean": float(cam.mean()), "cam": cam.tolist()}
-    warning = None
-    if has_ood:
-        result["ood_distance"] = float(values[3][0])
+              "bias": float(biases[class_index]), "cam_mean": float(sum(cam.mean() for cam in cams.values())),
+              "cam_means": {layer: float(cam.mean()) for layer, cam in cams.items()},
+              "cams": {layer: cam.tolist() for layer, cam in cams.items()}}
+    if len(cams) == 1:
+        result["cam"] = next(iter(cams.values())).tolist()
+    warnings = []
+    if "ood_distance" in found:
+        result["ood_distance"] = float(found["ood_distance"][0])
         result["ood_threshold"] = float(model.metadata["ood_threshold"])
         result["out_of_distribution"] = result["ood_distance"] > result["ood_threshold"]
         if result["out_of_distribution"]:
-            warning = OOD_WARNING.format(distance=result["ood_distance"], threshold=result["ood_threshold"])
-            result["warning"] = warning
+            warnings.append(OOD_WARNING.format(distance=result["ood_distance"], threshold=result["ood_threshold"]))
+    if "population_distance" in found:
+        result["population_distance"] = float(found["population_distance"][0])
+        result["population_threshold"] = float(model.metadata["population_threshold"])
+        result["other_population"] = result["population_distance"] > result["population_threshold"]
+        if result["other_population"]:
+            warnings.append(population_warning(result["population_distance"], result["population_threshold"]))
+    if warnings:
+        result["warning"] = " ".join(warnings)
+    heat = added_maps(list(cams.values()), x.shape[-1])
     picture = image.copy() if isinstance(image, Image.Image) else read_image(image)
     picture.thumbnail((1024, 1024))  # a heat map does not need every pixel of a 4000x5000 X-ray
     output.parent.mkdir(parents=True, exist_ok=True)
-    picture = with_legend(overlay(picture, cam), result["label"], result["score"], float(cam.min()), float(cam.max()),
-                          warning)
+    picture = with_legend(overlay(picture, heat), result["label"], result["score"], float(heat.min()),
+                          float(heat.max()), result.get("warning"))
     picture.save(output)
     return result
 
@@ -194,7 +252,12 @@ def explain_images(graph: Path, paths: list[Path | Image.Image], output: Path, l
         image = image if isinstance(image, Image.Image) else Path(image)
         result = explain_image(model, weights, biases, image, target, class_index, name)
         log(f"{name}: {result['label']} (score = {result['score']:.5f}); heat map {target}")
-        log(f"mean of the map = {result['cam_mean']:.5f} = logit - bias = {result['logit'] - result['bias']:.5f}")
+        means = result["cam_means"]
+        terms = "" if len(means) == 1 else " + ".join(
+            f"{mean:.5f} ({layer}, {len(result['cams'][layer])}x{len(result['cams'][layer][0])})"
+            for layer, mean in means.items()) + " = "
+        what = "mean of the map" if len(means) == 1 else "sum of the maps' means"
+        log(f"{what} = {terms}{result['cam_mean']:.5f} = logit - bias = {result['logit'] - result['bias']:.5f}")
         if result.get("warning"):
             log(result["warning"])
         results.append(result)

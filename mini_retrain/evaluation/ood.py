@@ -159,13 +159,28 @@ def _woodbury_distance(gaussian: _ShrunkGaussian, features: np.ndarray) -> np.nd
     return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
 
 
+def stratified_folds(labels: np.ndarray, folds: int) -> np.ndarray:
+    """(n,) fold of each image: stratified and deterministic (sort by class, then deal the images out like cards)."""
+    fold = np.empty(labels.size, dtype=np.int64)
+    fold[np.argsort(labels, kind="stable")] = np.arange(labels.size) % folds
+    return fold
+
+
+def shrunk_precision(gaussian: _ShrunkGaussian) -> np.ndarray:
+    """The (d, d) Sigma^-1, once, for fast use at prediction time (Woodbury, as in _ShrunkGaussian):
+    Sigma^-1 = (I - a W^T W) / f,   W = L^-1 X  (n, d)."""
+    solved = solve_triangular(gaussian.cholesky, gaussian.deviations, lower=True)  # (n, d)
+    precision = -gaussian.weight * (solved.T @ solved)  # (d, n) @ (n, d) -> (d, d)
+    precision[np.diag_indices_from(precision)] += 1.0
+    precision /= gaussian.floor
+    return precision
+
+
 def _held_out_distances(features: np.ndarray, labels: np.ndarray, class_count: int) -> np.ndarray:
     """(n,) distance of each training image under a model fit without its fold (K = min(10, n))."""
     n = labels.size
     folds = min(MAX_FOLDS, n)
-    # Stratified, deterministic folds: sort by class, then deal the images out like cards.
-    fold = np.empty(n, dtype=np.int64)
-    fold[np.argsort(labels, kind="stable")] = np.arange(n) % folds
+    fold = stratified_folds(labels, folds)
     distances = np.empty(n)
     for k in range(folds):
         held_out = fold == k
@@ -198,15 +213,9 @@ def fit_ood_model(
     held_out = _held_out_distances(features, labels, class_count)
     threshold = THRESHOLD_MARGIN * float(np.quantile(held_out, quantile))
 
-    # The d x d precision, once, for fast use at prediction time (Woodbury, as in _ShrunkGaussian):
-    #   Sigma^-1 = (I - a W^T W) / f,   W = L^-1 X  (n, d)
-    solved = solve_triangular(gaussian.cholesky, gaussian.deviations, lower=True)  # (n, d)
-    precision = -gaussian.weight * (solved.T @ solved)  # (d, n) @ (n, d) -> (d, d)
-    precision[np.diag_indices_from(precision)] += 1.0
-    precision /= gaussian.floor
     return OODModel(
         means=gaussian.means.astype(np.float32),
-        precision=precision.astype(np.float32),
+        precision=shrunk_precision(gaussian).astype(np.float32),
         threshold=threshold,
         shrinkage=gaussian.shrinkage,
     )

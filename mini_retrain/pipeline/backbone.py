@@ -1,7 +1,8 @@
 """Run the pretrained backbone under onnxruntime: images (N, 3, 299, 299) -> bottlenecks (N, 2048).
 
 The "bottleneck" is retrain.py's name for the layer just before the ImageNet classifier: Inception v3's `pool_3`, the
-average over the 8x8 grid of `mixed_10`. Everything the retrained model knows about an image is these 2048 numbers.
+average over the 8x8 grid of `mixed_10`. Everything the retrained model knows about an image is these 2048 numbers,
+or, with --bottleneck_layers, the averages of earlier blocks (`<block>/avg` outputs, listed in the sidecar's `layers`).
 
 The ONNX file comes with a JSON sidecar (see `backbone_build.backbone_sidecar` and models/README.md) that names the
 input, the outputs and the pixel scaling, so a different backbone can be used by writing a different sidecar.
@@ -114,22 +115,54 @@ def backbone_input(image, sidecar: dict[str, Any], fast: bool = False) -> np.nda
     return to_backbone_input(pixels, sidecar["input_mean"], sidecar["input_std"])  # (3, H, W)
 
 
-def layer_outputs(sidecar: dict[str, Any], layers: tuple[str, ...]) -> list[str]:
-    """The graph outputs that hold the pooled `layers`, checked against what the backbone file offers.
+DEFAULT_LAYER = "pool_3"  # --bottleneck_layers' default: on any backbone, the name of its bottleneck_output
+
+
+def offered_layers(sidecar: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{layer: {output, size, feature_map, feature_shape}}: the pooled layers the backbone file offers.
 
     A sidecar without a `layers` table (another backbone, or one built before the pooled layers) offers only its
-    bottleneck output."""
-    offered = sidecar.get("layers") or {sidecar["bottleneck_output"]: {"output": sidecar["bottleneck_output"]}}
+    bottleneck output, whose feature map is its spatial_output. "pool_3" always names the bottleneck, so the default
+    of --bottleneck_layers works with any backbone."""
+    bottleneck = {"output": sidecar["bottleneck_output"], "size": int(sidecar["bottleneck_size"])}
+    if sidecar.get("spatial_output"):
+        bottleneck |= {"feature_map": sidecar["spatial_output"], "feature_shape": sidecar.get("spatial_shape")}
+    table = dict(sidecar.get("layers") or {sidecar["bottleneck_output"]: bottleneck})
+    table.setdefault(DEFAULT_LAYER, bottleneck)
+    return table
+
+
+def layer_outputs(sidecar: dict[str, Any], layers: tuple[str, ...], flag: str = "layers") -> list[str]:
+    """The graph outputs that hold the pooled `layers`, checked against what the backbone file offers."""
+    offered = offered_layers(sidecar)
     if not layers:
-        raise ValueError("layers must name at least one backbone layer, e.g. pool_3")
+        raise ValueError(f"{flag} must name at least one backbone layer, e.g. pool_3")
     for layer in layers:
         if layer not in offered:
             hint = ("rebuild it with `mini_retrain backbone`" if "layers" not in sidecar
                     else f"choose from {', '.join(offered)}")
-            raise ValueError(f"layers: the backbone has no layer {layer!r}; {hint}")
+            raise ValueError(f"{flag}: the backbone has no layer {layer!r}; {hint}")
     if len(set(layers)) != len(layers):
-        raise ValueError(f"layers: {','.join(layers)} names a layer twice")
+        raise ValueError(f"{flag}: {','.join(layers)} names a layer twice")
     return [offered[layer]["output"] for layer in layers]
+
+
+def parse_layers(text: str, flag: str = "--bottleneck_layers") -> tuple[str, ...]:
+    """"pool_3,mixed_8" -> ("pool_3", "mixed_8"): the comma-separated layer names of a flag, checked for form only
+    (which layers exist is the backbone's sidecar's to say: layer_outputs)."""
+    layers = tuple(item.strip() for item in str(text).split(","))
+    if any(not layer for layer in layers):
+        raise ValueError(f"{flag} {text!r} has an empty item; give layer names separated by commas, e.g. pool_3,mixed_8")
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"{flag} {text!r} names a layer twice")
+    return layers
+
+
+def layer_sizes(sidecar: dict[str, Any], layers: tuple[str, ...], flag: str = "layers") -> list[int]:
+    """How many numbers each pooled layer gives (its channels): [2048] for pool_3, [1280] for mixed_8, ..."""
+    layer_outputs(sidecar, layers, flag)  # the names are checked first
+    offered = offered_layers(sidecar)
+    return [int(offered[layer]["size"]) for layer in layers]
 
 
 def run_backbone(backbone: Backbone, images: np.ndarray, spatial: bool = False, layers: tuple[str, ...] | None = None):
@@ -143,7 +176,7 @@ def run_backbone(backbone: Backbone, images: np.ndarray, spatial: bool = False, 
     height, width = backbone.sidecar["input_size"]
     if images.ndim != 4 or images.shape[1:] != (3, height, width):
         raise ValueError(f"backbone input must be (N, 3, {height}, {width}), got {images.shape}")
-    outputs = layer_outputs(backbone.sidecar, tuple(layers or (backbone.sidecar["bottleneck_output"],)))
+    outputs = layer_outputs(backbone.sidecar, tuple(layers or (DEFAULT_LAYER,)))
     if spatial:
         outputs.append(backbone.sidecar["spatial_output"])
     results = backbone.session.run(outputs, {backbone.sidecar["input_name"]: images})

@@ -1,12 +1,17 @@
-"""Bottlenecks: each image's 2048 numbers from the backbone, computed once and cached on disk.
+"""Bottlenecks: each image's pooled backbone layers (pool_3: 2048 numbers), computed once and cached on disk.
 
 retrain.py spends nearly all its time here, so it caches: an image's bottleneck never changes while the image and the
-network stay the same. Our cache is keyed the same way, but by content rather than by name:
+network stay the same. Our cache is keyed the same way, but by content rather than by name, one store per layer:
 
-    bottleneck_dir/<backbone id>/shard-*.npz      each: keys (n,) SHA-1 of the image file, bottlenecks (n, 2048) float32
+    bottleneck_dir/<weights>-<precision>-<layer>-<preprocessing>[-fast]/shard-*.npz
+        each shard: keys (n,) SHA-1 of the image file, bottlenecks (n, size of the layer) float32
 
-* The folder name is the backbone's ONNX hash plus the preprocessing version: another network or another resize
-  gives another folder, so stale numbers are never mixed in.
+* The folder name says what made the numbers: the network's weights (the sidecar's `weights_sha1`, else the ONNX
+  file's hash), their precision (`precision` in the sidecar, fp32 when absent: an int8 backbone gives other numbers),
+  the layer (`pool_3`, `mixed_8`, ...: `--bottleneck_layers`), the preprocessing version and --fast_decode. Another
+  network, precision, layer or resize gives another folder, so stale numbers are never mixed in; adding outputs to
+  the backbone file (which changes its hash but not its numbers) keeps every cache. `pool_3,mixed_8` reuses what
+  `pool_3` alone computed, and one forward pass computes every layer still missing.
 * The key is the SHA-1 of the image file's bytes: an edited image gets a new key and is recomputed; a moved or
   renamed image is found again; identical files share one entry (and are reported as duplicates by the caller).
 * Each batch is written as its own shard, to a temporary file renamed into place (atomic). A run killed half-way
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import stat
 import sys
 import time
@@ -34,10 +40,10 @@ from typing import NamedTuple
 import numpy as np
 
 from mini_retrain.paths import write_bytes_atomically
-from mini_retrain.pipeline.backbone import Backbone, backbone_input, run_backbone
+from mini_retrain.pipeline.backbone import DEFAULT_LAYER, Backbone, backbone_input, layer_sizes, run_backbone
 from mini_retrain.pipeline.images import BadImageError, file_sha1, read_image
 
-PREPROCESSING_VERSION = "p1"  # bump when images.py changes what pixels reach the network
+PREPROCESSING_VERSION = "p1"  # bump when images.py changes what pixels reach the network (or the graph its numbers)
 BATCH_SIZE = 32  # images per network run (benchmarks/benchmark.py measures the pipeline at this batch size)
 DECODE_WORKERS = 2  # threads that decode (and hash) the next images while the network runs
 
@@ -45,18 +51,23 @@ DECODE_WORKERS = 2  # threads that decode (and hash) the next images while the n
 class Bottlenecks(NamedTuple):
     """The result for a list of image paths: rows for the usable images, and what happened to the others."""
 
-    values: np.ndarray  # (n_kept, bottleneck_size) float32
+    values: np.ndarray  # (n_kept, D) float32: the layers asked for, side by side (D = the sum of their sizes)
     kept: list[int]  # indices into the requested paths, one per row of `values`
     keys: list[str]  # SHA-1 of each kept image file (equal keys = identical files)
     bad: list[tuple[str, str]]  # (path, reason) of each skipped image
     computed: int  # how many were run through the backbone now (the rest came from the cache)
 
 
-def store_folder(bottleneck_dir: str | Path, backbone: Backbone, fast_decode: bool = False) -> Path:
-    """bottleneck_dir/<backbone hash>-<preprocessing version>[-fast]: --fast_decode's slightly different pixels give
-    slightly different bottlenecks, so they are kept apart from the exact ones."""
-    backbone_id = backbone.sidecar.get("onnx_sha256") or file_sha1(backbone.path)
-    return Path(bottleneck_dir) / f"{backbone_id[:16]}-{PREPROCESSING_VERSION}{'-fast' if fast_decode else ''}"
+def store_folder(bottleneck_dir: str | Path, backbone: Backbone, fast_decode: bool = False,
+                 layer: str | None = None) -> Path:
+    """bottleneck_dir/<weights>-<precision>-<layer>-<preprocessing version>[-fast], the store of one layer
+    (default: pool_3, the sidecar's bottleneck_output). --fast_decode's slightly different pixels give slightly
+    different bottlenecks, so they are kept apart from the exact ones."""
+    sidecar = backbone.sidecar
+    weights = sidecar.get("weights_sha1") or sidecar.get("onnx_sha256") or file_sha1(backbone.path)
+    precision = sidecar.get("precision", "fp32")
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", layer or DEFAULT_LAYER)  # a layer name as a folder name
+    return Path(bottleneck_dir) / f"{weights[:16]}-{precision}-{name}-{PREPROCESSING_VERSION}{'-fast' if fast_decode else ''}"
 
 
 def load_store(folder: Path, log: Callable[[str], None] = print,
@@ -169,16 +180,21 @@ def get_bottlenecks(
     workers: int = DECODE_WORKERS,
     log: Callable[[str], None] = print,
     fast_decode: bool = False,
+    layers: tuple[str, ...] | None = None,
 ) -> Bottlenecks:
     """Bottlenecks for `paths`, from the cache where possible, else computed (and cached) batch by batch.
 
+    layers: the pooled backbone layers, side by side in this order (default: the bottleneck, pool_3). Each layer has
+    its own store; an image missing from some of them goes through the backbone once, for all its missing layers.
     on_bad_image: "skip" prints one line per unusable file and leaves it out; "error" raises BadImageError.
     fast_decode: JPEG draft and Image.reduce before the resize (images.read_image / resize_for_backbone, fast=True).
     """
     if on_bad_image not in ("skip", "error"):
         raise ValueError(f"on_bad_image must be 'skip' or 'error', not {on_bad_image!r}")
-    folder = store_folder(bottleneck_dir, backbone, fast_decode)
-    index, cached = load_store(folder, log)
+    layers = tuple(layers or (DEFAULT_LAYER,))
+    sizes = layer_sizes(backbone.sidecar, layers, "bottleneck_layers")  # checks the names before any work
+    folders = {layer: store_folder(bottleneck_dir, backbone, fast_decode, layer) for layer in layers}
+    stores = {layer: load_store(folders[layer], log) for layer in layers}  # layer -> ({key: row}, (n, size))
     bad: list[tuple[str, str]] = []
 
     def skip(path: Path, error: BadImageError) -> None:
@@ -205,18 +221,25 @@ def get_bottlenecks(
             keys.append(key)
     finally:
         hashers.shutdown(cancel_futures=True)
-    missing = [i for i, key in enumerate(keys) if key is not None and key not in index]
+
+    def cached(layer: str, key: str) -> bool:
+        return key in stores[layer][0]
+
+    missing = [i for i, key in enumerate(keys) if key is not None and not all(cached(layer, key) for layer in layers)]
     # Identical files need computing only once.
     first_of_key: dict[str, int] = {}
     to_compute = [i for i in missing if first_of_key.setdefault(keys[i], i) == i]
+    needed = tuple(layer for layer in layers if any(not cached(layer, keys[i]) for i in to_compute))  # one forward
 
-    new_keys: list[str] = []
-    new_values: list[np.ndarray] = []
+    new_keys: dict[str, list[str]] = {layer: [] for layer in needed}
+    new_values: dict[str, list[np.ndarray]] = {layer: [] for layer in needed}
     failed: dict[str, BadImageError] = {}  # key -> why it could not be decoded
     if to_compute:
         started = time.perf_counter()
         done = 0
         progress_line(done, len(to_compute), started)
+        needed_sizes = layer_sizes(backbone.sidecar, needed)
+        starts = np.cumsum([0] + needed_sizes)  # column where each needed layer begins
 
         def decode(i: int) -> np.ndarray | BadImageError:
             try:
@@ -241,30 +264,40 @@ def get_bottlenecks(
                         failed[keys[i]] = x
                         keys[i] = None
                 if good:
-                    values = run_backbone(backbone, np.stack([x for _, x in good]))  # (batch, 2048)
-                    batch_keys = [keys[i] for i, _ in good]
-                    write_shard(folder, batch_keys, values)
-                    new_keys.extend(batch_keys)
-                    new_values.append(values)
+                    values = run_backbone(backbone, np.stack([x for _, x in good]), layers=needed)  # (batch, D)
+                    for layer, start, end in zip(needed, starts[:-1], starts[1:]):
+                        rows = [row for row, (i, _) in enumerate(good) if not cached(layer, keys[i])]
+                        if rows:
+                            batch_keys = [keys[good[row][0]] for row in rows]
+                            block = np.ascontiguousarray(values[rows, start:end])  # (rows, size of the layer)
+                            write_shard(folders[layer], batch_keys, block)
+                            new_keys[layer].extend(batch_keys)
+                            new_values[layer].append(block)
                 done += len(batch)
                 progress_line(done, len(to_compute), started)
-        compact_store(folder, log)
+        for layer in needed:
+            if new_keys[layer]:
+                compact_store(folders[layer], log)
 
     for i, key in enumerate(keys):
         if key in failed:  # an identical copy of a file that failed to decode
             skip(paths[i], failed[key])
             keys[i] = None
 
-    # Assemble rows in the order of `paths`, straight from the two sources (no third copy of everything).
-    new_index = {key: row for row, key in enumerate(new_keys)}
-    new_table = np.concatenate(new_values) if new_values else np.zeros((0, 0), np.float32)  # (n_new, D)
-    del new_values
-    kept = [i for i, key in enumerate(keys) if key is not None and (key in index or key in new_index)]
-    values = np.empty((len(kept), backbone.sidecar["bottleneck_size"]), np.float32)  # (n_kept, D)
-    from_new = [(row, new_index[keys[i]]) for row, i in enumerate(kept) if keys[i] in new_index]
-    from_cache = [(row, index[keys[i]]) for row, i in enumerate(kept) if keys[i] not in new_index]
-    for rows, table in ((from_new, new_table), (from_cache, cached)):
-        if rows:
-            destination, source = zip(*rows)
-            values[list(destination)] = table[list(source)]
-    return Bottlenecks(values, kept, [keys[i] for i in kept], bad, len(new_keys))
+    # Assemble rows in the order of `paths`, layer by layer, straight from the two sources (no third copy of all).
+    kept = [i for i, key in enumerate(keys) if key is not None]
+    values = np.empty((len(kept), sum(sizes)), np.float32)  # (n_kept, D)
+    start = 0
+    for layer, size in zip(layers, sizes):
+        index, table = stores[layer]
+        new_index = {key: row for row, key in enumerate(new_keys.get(layer, []))}
+        new_table = np.concatenate(new_values[layer]) if new_index else np.zeros((0, size), np.float32)
+        from_new = [(row, new_index[keys[i]]) for row, i in enumerate(kept) if keys[i] in new_index]
+        from_cache = [(row, index[keys[i]]) for row, i in enumerate(kept) if keys[i] not in new_index]
+        for rows, source_table in ((from_new, new_table), (from_cache, table)):
+            if rows:
+                destination, source = zip(*rows)
+                values[list(destination), start:start + size] = source_table[list(source)]
+        start += size
+    computed = len({key for layer in needed for key in new_keys[layer]})
+    return Bottlenecks(values, kept, [keys[i] for i in kept], bad, computed)

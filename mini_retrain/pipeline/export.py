@@ -1,17 +1,22 @@
-"""Write the retrained model as ONE self-contained ONNX file: backbone + final layer + softmax (+ the OOD distance).
+"""Write the retrained model as ONE self-contained ONNX file: backbone + final layer + softmax (+ the two distances).
 
 retrain.py wrote a frozen TensorFlow graph whose output `final_result` gave the class probabilities; label_image read
 it. We do the same with ONNX. To the backbone graph we add:
 
-    final_logits  = pool_3 @ final_weights + final_biases          # (N, 2048) @ (2048, C) + (C,)
+    final_input   = the pooled --bottleneck_layers side by side  # pool_3 itself by default; else a Concat
+    final_logits  = final_input @ final_weights + final_biases   # (N, D) @ (D, C) + (C,)
     final_result  = softmax(final_logits)                          # the name is --final_tensor_name
     ood_distance  = min_c sqrt((r - mu_c)^T P (r - mu_c)),  r = sign(pool_3) sqrt(|pool_3|)   # with an OOD model (ood.py)
+    population_distance = sqrt(z^T P z),  z = (a - mu) V,  a = an earlier block's average      # population.py
 
 Intermediate graphs (retrain --intermediate_store_frequency) are the final layer alone, `build_final_layer_model`:
 bottleneck in, final_result out, a few KB instead of the backbone's 84 MB each time; `attach_backbone` makes a full graph
-of one. The outputs `pool_3` and `mixed_10` stay, for the OOD check and for class activation maps. The class labels, the
-OOD threshold, retrain's own test result (`internal_test`) and provenance go in the model's metadata, so `label` can
-check that a labels file belongs to the graph and `evaluate` can compare a new folder with the internal test.
+of one (for pool_3; a graph of other layers is rebuilt with retrain). The backbone's outputs stay (pool_3, mixed_10,
+every `<block>/avg`), for the OOD check and for class activation maps; the feature map of each chosen layer becomes an
+output too (`mixed_8` for layer mixed_8), so `explain` can split every logit over the grids. The class labels, the
+layers, the thresholds, retrain's own test result (`internal_test`) and provenance go in the model's metadata, so
+`label` can check that a labels file belongs to the graph and `evaluate` can compare a new folder with the internal
+test.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from mini_retrain import __version__
-from mini_retrain.pipeline.backbone import Backbone
+from mini_retrain.pipeline.backbone import DEFAULT_LAYER, Backbone, layer_outputs, layer_sizes, offered_layers
 from mini_retrain.paths import write_bytes_atomically
 
 MARKER = "mini_retrain"  # metadata key that says "this graph was written by mini_retrain"
@@ -39,29 +44,41 @@ def build_retrained_model(
     ood: Any | None = None,
     fast_decode: bool = False,
     internal_test: dict | None = None,
+    layers: tuple[str, ...] | None = None,
+    population: Any | None = None,
 ):
     """The backbone graph with the final layer appended, as an onnx.ModelProto.
 
-    fast_decode says how the training images were decoded (retrain --fast_decode); it goes into the metadata so that
-    `label` and `explain` prepare new images the same way. internal_test is retrain's own test result,
-    {n, correct, accuracy, ci}, kept as JSON in the metadata so that `evaluate` can compare a new folder with it."""
+    layers: the pooled backbone layers the final layer reads, side by side (retrain --bottleneck_layers; default the
+    bottleneck, pool_3); weights has one row per number of them. ood: evaluation.ood.OODModel of the bottleneck
+    (pool_3). population: evaluation.population.PopulationModel of its own layer. fast_decode says how the training
+    images were decoded (retrain --fast_decode); it goes into the metadata so that `label` and `explain` prepare new
+    images the same way. internal_test is retrain's own test result, {n, correct, accuracy, ci}, kept as JSON in the
+    metadata so that `evaluate` can compare a new folder with it."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    sidecar = backbone.sidecar
+    layers = tuple(layers or (DEFAULT_LAYER,))
+    pooled = layer_outputs(sidecar, layers, "--bottleneck_layers")  # the graph outputs holding the averages
     weights = np.asarray(weights, np.float32)  # (D, C)
     biases = np.asarray(biases, np.float32)  # (C,)
-    if weights.shape != (backbone.sidecar["bottleneck_size"], len(labels)) or biases.shape != (len(labels),):
-        raise ValueError(f"final layer {weights.shape}/{biases.shape} does not fit {len(labels)} labels")
+    if weights.shape != (sum(layer_sizes(sidecar, layers)), len(labels)) or biases.shape != (len(labels),):
+        raise ValueError(f"final layer {weights.shape}/{biases.shape} does not fit {len(labels)} labels and layers "
+                         f"{','.join(layers)}")
     model = onnx.load(str(backbone.path))
     graph = model.graph
-    bottleneck = backbone.sidecar["bottleneck_output"]
     taken = {n.name for n in graph.initializer} | {o for n in graph.node for o in n.output}
     if final_tensor_name in taken:
         raise ValueError(f"final_tensor_name {final_tensor_name!r} is already a name inside the backbone; pick another")
 
+    final_input = pooled[0]
+    if len(pooled) > 1:  # (N, D1), (N, D2), ... -> (N, D1 + D2 + ...), in the order of `layers`
+        final_input = "final_input"
+        graph.node.append(helper.make_node("Concat", pooled, [final_input], name=final_input, axis=1))
     graph.initializer.extend([numpy_helper.from_array(weights, "final_weights"), numpy_helper.from_array(biases, "final_biases")])
     graph.node.extend([
-        helper.make_node("MatMul", [bottleneck, "final_weights"], ["final_matmul"], name="final_matmul"),
+        helper.make_node("MatMul", [final_input, "final_weights"], ["final_matmul"], name="final_matmul"),
         helper.make_node("Add", ["final_matmul", "final_biases"], ["final_logits"], name="final_logits"),
         helper.make_node("Softmax", ["final_logits"], [final_tensor_name], name=final_tensor_name, axis=-1),
     ])
@@ -70,24 +87,31 @@ def build_retrained_model(
         helper.make_tensor_value_info(final_tensor_name, TensorProto.FLOAT, ["batch", classes]),
         helper.make_tensor_value_info("final_logits", TensorProto.FLOAT, ["batch", classes]),
     ])
+    feature_maps = _expose_feature_maps(graph, sidecar, layers)
     metadata = {
         MARKER: __version__,
         "labels": json.dumps(labels),
         "final_tensor_name": final_tensor_name,
-        "input_name": backbone.sidecar["input_name"],
-        "input_size": json.dumps(backbone.sidecar["input_size"]),
-        "input_mean": str(backbone.sidecar["input_mean"]),
-        "input_std": str(backbone.sidecar["input_std"]),
-        "bottleneck_output": bottleneck,
-        "spatial_output": backbone.sidecar.get("spatial_output", ""),
-        "backbone_sha256": backbone.sidecar.get("onnx_sha256", ""),
+        "input_name": sidecar["input_name"],
+        "input_size": json.dumps(sidecar["input_size"]),
+        "input_mean": str(sidecar["input_mean"]),
+        "input_std": str(sidecar["input_std"]),
+        "bottleneck_output": final_input,
+        "bottleneck_layers": json.dumps(list(layers)),
+        "feature_maps": json.dumps(feature_maps),
+        "spatial_output": sidecar.get("spatial_output", ""),
+        "backbone_sha256": sidecar.get("onnx_sha256", ""),
         "fast_decode": "1" if fast_decode else "0",
     }
     if ood is not None:
-        _append_ood_distance(graph, bottleneck, ood)
+        _append_ood_distance(graph, layer_outputs(sidecar, (DEFAULT_LAYER,))[0], ood)
         metadata["ood_threshold"] = repr(float(ood.threshold))
     if internal_test is not None:
         metadata["internal_test"] = json.dumps(internal_test)
+    if population is not None:
+        _append_population_distance(graph, layer_outputs(sidecar, (population.layer,))[0], population)
+        metadata["population_threshold"] = repr(float(population.threshold))
+        metadata["population_layer"] = population.layer
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
@@ -154,6 +178,29 @@ def attach_backbone(final_layer_graph: str | Path, backbone: Backbone):
                                  fast_decode=metadata.get("fast_decode") == "1")
 
 
+def _expose_feature_maps(graph, sidecar: dict[str, Any], layers: tuple[str, ...]) -> dict[str, str]:
+    """Make the feature map behind each pooled layer a graph output (for `explain`); return {layer: output name}.
+
+    Layers without a known map (a backbone whose sidecar lists none) are left out: explain then says so."""
+    from onnx import TensorProto, helper
+
+    table = offered_layers(sidecar)
+    outputs = {output.name for output in graph.output}
+    produced = {name for node in graph.node for name in node.output}
+    maps: dict[str, str] = {}
+    for layer in layers:
+        entry = table[layer]
+        if entry.get("feature_map") not in produced | outputs:
+            continue
+        name = entry["feature_map"]
+        if name not in outputs:
+            shape = ["batch", *entry["feature_shape"]] if entry.get("feature_shape") else None
+            graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, shape))
+            outputs.add(name)
+        maps[layer] = name
+    return maps
+
+
 def _append_ood_distance(graph, bottleneck: str, ood: Any) -> None:
     """ood_distance (N,): ood.mahalanobis_distance written as graph nodes, so any ONNX runtime gets the warning."""
     from onnx import TensorProto, helper, numpy_helper
@@ -180,6 +227,29 @@ def _append_ood_distance(graph, bottleneck: str, ood: Any) -> None:
         helper.make_node("Sqrt", ["ood_nonnegative"], ["ood_distance"]),
     ])
     graph.output.append(helper.make_tensor_value_info("ood_distance", TensorProto.FLOAT, ["batch"]))
+
+
+def _append_population_distance(graph, pooled: str, population: Any) -> None:
+    """population_distance (N,): population.population_distance written as graph nodes (any ONNX runtime gets it)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph.initializer.extend([
+        numpy_helper.from_array(np.asarray(population.mean, np.float32), "population_mean"),  # (d,)
+        numpy_helper.from_array(np.asarray(population.components, np.float32), "population_components"),  # (d, k)
+        numpy_helper.from_array(np.asarray(population.precision, np.float32), "population_precision"),  # (k, k)
+        numpy_helper.from_array(np.array([1], np.int64), "population_axis_1"),
+    ])
+    graph.node.extend([
+        helper.make_node("Sub", [pooled, "population_mean"], ["population_centred"]),  # (N, d)
+        helper.make_node("MatMul", ["population_centred", "population_components"], ["population_z"]),  # (N, k)
+        helper.make_node("MatMul", ["population_z", "population_precision"], ["population_weighted"]),  # (N, k)
+        helper.make_node("Mul", ["population_z", "population_weighted"], ["population_terms"]),
+        helper.make_node("ReduceSum", ["population_terms", "population_axis_1"], ["population_squared"],
+                         keepdims=0),  # (N,)
+        helper.make_node("Relu", ["population_squared"], ["population_nonnegative"]),  # rounding can give -1e-7
+        helper.make_node("Sqrt", ["population_nonnegative"], ["population_distance"]),
+    ])
+    graph.output.append(helper.make_tensor_value_info("population_distance", TensorProto.FLOAT, ["batch"]))
 
 
 def write_retrained_graph(path: str | Path, model) -> Path:

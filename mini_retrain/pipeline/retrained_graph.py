@@ -31,6 +31,8 @@ from mini_retrain.pipeline.images import IMAGE_EXTENSIONS, read_image
 #   graph output      threshold (metadata)  flag (result field)     a flagged image is ...
 DISTANCE_OUTPUTS = (
     ("ood_distance", "ood_threshold", "out_of_distribution", "unlike every training image (a photo, not an X-ray?)"),
+    ("population_distance", "population_threshold", "other_population",
+     "unlike the training X-rays (another population, machine or view?)"),
 )
 
 
