@@ -63,13 +63,16 @@ def read_sidecar(onnx_path: Path) -> dict[str, Any]:
     return sidecar
 
 
-def session_options():
-    """onnxruntime settings for one process that owns the machine: all cores on each operator, full graph fusion."""
+def session_options(threads: int | None = None):
+    """onnxruntime settings for one process that owns the machine: all cores on each operator, full graph fusion.
+
+    threads: the cores each operator may use (default: every core). A Dask worker uses 1 (pipeline/cluster.py): there
+    the worker processes and threads are the parallelism."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = os.cpu_count() or 1
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     # Between operators onnxruntime's worker threads normally spin (busy-wait) for the next one. Our image decoding
@@ -82,8 +85,10 @@ def session_options():
     return options
 
 
-def load_backbone(path: str | Path | None = None, device: str = "auto", verbose: bool = True) -> Backbone:
-    """Open the backbone ONNX in an onnxruntime session (building the default one on first use)."""
+def load_backbone(path: str | Path | None = None, device: str = "auto", verbose: bool = True,
+                  threads: int | None = None) -> Backbone:
+    """Open the backbone ONNX in an onnxruntime session (building the default one on first use); threads: see
+    session_options."""
     import onnxruntime
 
     path = ensure_backbone(path)
@@ -92,7 +97,7 @@ def load_backbone(path: str | Path | None = None, device: str = "auto", verbose:
     if message and verbose:
         print(f"WARNING: {message}", file=sys.stderr, flush=True)
     try:
-        session = onnxruntime.InferenceSession(str(path), sess_options=session_options(), providers=providers)
+        session = onnxruntime.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
     except Exception as error:  # onnxruntime raises its own exception types for damaged files
         raise ValueError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]}); rebuild it") from None
     provider = session.get_providers()[0]
