@@ -6,10 +6,13 @@ Flag names follow TensorFlow's retrain.py and label_image, so its users recognis
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from mini_retrain import __version__
+
+DASK_SCHEDULER_VARIABLE = "MINI_RETRAIN_DASK_SCHEDULER"  # the default of --dask_scheduler
 
 
 def _backbone(args: argparse.Namespace) -> int:
@@ -107,6 +110,15 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
                         "(default: abnormal/tb/pneumonia/... when present)")
 
 
+def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    """--dask_scheduler, for the commands that compute the bottlenecks of a folder (retrain, crossval, sweep, ...)."""
+    parser.add_argument("--dask_scheduler", metavar="ADDRESS", default=os.environ.get(DASK_SCHEDULER_VARIABLE) or None,
+                        help="compute the bottlenecks missing from the cache on the workers of the Dask scheduler "
+                        "at tcp://HOST:PORT (needs mini_retrain[cluster] on every machine, and the images and the "
+                        "backbone at the same paths on the workers: README, Beyond one machine); default: "
+                        f"%(default)s (from ${DASK_SCHEDULER_VARIABLE}; None = on this machine)")
+
+
 def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", type=Path, default=None,
                         help="backbone ONNX with its .json sidecar (default: Inception v3, built on first use)")
@@ -160,6 +172,7 @@ def _add_retrain_parser(commands) -> None:
     p.add_argument("--explain_misclassified", type=Path, default=None,
                    help="write a class activation heat map for each misclassified test image into this folder")
     _add_backbone_flags(p)
+    _add_cluster_flags(p)
     p.set_defaults(run=_retrain)
 
 
@@ -236,6 +249,7 @@ def _add_crossval_parser(commands) -> None:
     p.add_argument("--output_json", type=Path, default=Path("crossval.json"),
                    help="where to write per-fold and pooled metrics and every out-of-fold prediction")
     _add_backbone_flags(p)
+    _add_cluster_flags(p)
     p.set_defaults(run=_crossval)
 
 
@@ -266,6 +280,7 @@ def _add_sweep_parser(commands) -> None:
     p.add_argument("--output_json", type=Path, default=Path("sweep.json"),
                    help="where to write every setting's validation results and the winner's test metrics")
     _add_backbone_flags(p)
+    _add_cluster_flags(p)
     p.set_defaults(run=_sweep)
 
 

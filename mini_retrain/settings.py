@@ -42,3 +42,4 @@ class RetrainSettings:
     positive_label: str | None = None
     explain_misclassified: Path | None = None
     report: Path | None = None
+    dask_scheduler: str | None = None  # a Dask scheduler's address: its workers compute the bottlenecks (cluster.py)

@@ -15,11 +15,13 @@ network stay the same. Our cache is keyed the same way, but by content rather th
 * When a run has added shards, they are merged into one, so that loading 100k cached bottlenecks is one file read.
 
 Decoding large X-rays can cost as much as the network, so images are decoded by a small thread pool (Pillow releases
-the GIL) while the backbone runs on the previous batch.
+the GIL) while the backbone runs on the previous batch. With a Dask scheduler (--dask_scheduler), the workers of the
+cluster compute the batches instead (pipeline/cluster.py); the cache, the keys and the lines printed are the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import stat
@@ -158,6 +160,32 @@ def _progress(done: int, total: int, started: float, stream=None) -> None:
         print(line, file=stream, flush=True)
 
 
+def _compute_here(paths: list[Path], batches: list[list[int]], backbone: Backbone, fast_decode: bool, workers: int
+                  ) -> Iterator[tuple[int, list[BadImageError | None], np.ndarray]]:
+    """On this machine, batch by batch: `workers` threads decode the next batch while the backbone runs on this one.
+    Yields (batch number, each image's BadImageError or None, (n_good, D) float32 for the others)."""
+
+    def decode(i: int) -> np.ndarray | BadImageError:
+        try:
+            image = read_image(paths[i], fast=fast_decode, keep_gray=True)
+            return backbone_input(image, backbone.sidecar, fast=fast_decode)
+        except BadImageError as error:
+            return error
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # pool.map decodes ahead (all queued at once would hold every image in memory, so go batch by batch,
+        # submitting the next batch before running the network on this one).
+        pending = pool.map(decode, batches[0])
+        for number, batch in enumerate(batches):
+            decoded = list(pending)
+            if number + 1 < len(batches):
+                pending = pool.map(decode, batches[number + 1])
+            errors = [x if isinstance(x, BadImageError) else None for x in decoded]
+            good = [x for x in decoded if not isinstance(x, BadImageError)]
+            values = run_backbone(backbone, np.stack(good)) if good else np.zeros((0, 0), np.float32)  # (n_good, D)
+            yield number, errors, values
+
+
 def get_bottlenecks(
     paths: list[Path],
     backbone: Backbone,
@@ -167,11 +195,15 @@ def get_bottlenecks(
     workers: int = 2,
     log: Callable[[str], None] = print,
     fast_decode: bool = False,
+    dask_scheduler: str | None = None,
+    device: str = "auto",
 ) -> Bottlenecks:
     """Bottlenecks for `paths`, from the cache where possible, else computed (and cached) batch by batch.
 
     on_bad_image: "skip" prints one line per unusable file and leaves it out; "error" raises BadImageError.
     fast_decode: JPEG draft and Image.reduce before the resize (images.read_image / resize_for_backbone, fast=True).
+    dask_scheduler: the address of a Dask scheduler whose workers compute the missing bottlenecks, one task per batch,
+    on `device` (pipeline/cluster.py); the cache, the progress line and the skip lines are the same as here.
     """
     if on_bad_image not in ("skip", "error"):
         raise ValueError(f"--on_bad_image must be 'skip' or 'error', not {on_bad_image!r}")
@@ -215,35 +247,33 @@ def get_bottlenecks(
         started = time.perf_counter()
         done = 0
         _progress(done, len(to_compute), started)
+        batches = list(_batches(to_compute, batch_size))
+        if dask_scheduler:  # the workers of a Dask cluster compute them (pipeline/cluster.py: dask is imported here)
+            from mini_retrain.pipeline.cluster import compute_on_workers
 
-        def decode(i: int) -> np.ndarray | BadImageError:
-            try:
-                image = read_image(paths[i], fast=fast_decode, keep_gray=True)
-                return backbone_input(image, backbone.sidecar, fast=fast_decode)
-            except BadImageError as error:
-                return error
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            # pool.map decodes ahead (all queued at once would hold every image in memory, so go batch by batch,
-            # submitting the next batch before running the network on this one).
-            batches = list(_batches(to_compute, batch_size))
-            pending = pool.map(decode, batches[0])
-            for number, batch in enumerate(batches):
-                decoded = list(pending)
-                if number + 1 < len(batches):
-                    pending = pool.map(decode, batches[number + 1])
-                good = [(i, x) for i, x in zip(batch, decoded) if not isinstance(x, BadImageError)]
-                for i, x in zip(batch, decoded):
-                    if isinstance(x, BadImageError):
-                        skip(paths[i], x)
-                        failed[keys[i]] = x
-                        keys[i] = None
-                if good:
-                    values = run_backbone(backbone, np.stack([x for _, x in good]))  # (batch, 2048)
-                    batch_keys = [keys[i] for i, _ in good]
+            results = compute_on_workers(dask_scheduler, [[paths[i] for i in batch] for batch in batches],
+                                         [[keys[i] for i in batch] for batch in batches], backbone, device,
+                                         fast_decode, log)
+        else:
+            results = _compute_here(paths, batches, backbone, fast_decode, workers)
+        errors_of: dict[int, list[BadImageError | None]] = {}  # finished batches whose bad images are not told yet
+        told = 0  # batches finish in any order on a cluster; their skip lines are told in the order of the paths
+        with contextlib.closing(results):  # on Ctrl-C or an error: stop the decoding threads, cancel the tasks
+            for number, errors, values in results:
+                batch = batches[number]
+                batch_keys = [keys[i] for i, error in zip(batch, errors) if error is None]
+                if batch_keys:
                     write_shard(folder, batch_keys, values)
                     new_keys.extend(batch_keys)
                     new_values.append(values)
+                errors_of[number] = errors
+                while told in errors_of:
+                    for i, error in zip(batches[told], errors_of.pop(told)):
+                        if error is not None:
+                            skip(paths[i], error)
+                            failed[keys[i]] = error
+                            keys[i] = None
+                    told += 1
                 done += len(batch)
                 _progress(done, len(to_compute), started)
         compact_store(folder, log)

@@ -42,14 +42,19 @@ class Dataset(NamedTuple):
 def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print) -> Dataset:
     """Steps 1-3: find the images, split them, get their bottlenecks (cached); report duplicates.
 
-    Uses image_dir, validation_percentage, testing_percentage, backbone, device, bottleneck_dir, on_bad_image and
-    fast_decode of `settings`. The folder is listed and split before the backbone is loaded (or built), so a missing
-    folder, a single class or bad percentages are reported at once.
+    Uses image_dir, validation_percentage, testing_percentage, backbone, device, bottleneck_dir, on_bad_image,
+    fast_decode and dask_scheduler of `settings`. The folder is listed and split, and the Dask scheduler reached,
+    before the backbone is loaded (or built), so a missing folder, a single class, bad percentages or an unreachable
+    scheduler are reported at once.
     """
     image_dir = Path(settings.image_dir)
     image_lists, warnings = find_images(image_dir)
     splits, split_warnings = split_image_lists(image_lists, settings.validation_percentage,
                                                settings.testing_percentage)
+    if settings.dask_scheduler:  # dask is imported only here, and in get_bottlenecks
+        from mini_retrain.pipeline.cluster import check_scheduler
+
+        check_scheduler(settings.dask_scheduler)
     backbone = load_backbone(settings.backbone, settings.device)
     for warning in warnings + split_warnings:
         log(warning)
@@ -61,7 +66,8 @@ def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print) 
                for split in SPLITS for relative in splits[label][split]]
     bottleneck_dir = settings.bottleneck_dir or cache_dir() / "bottlenecks"
     result = get_bottlenecks([image_dir / relative for _, _, relative in entries], backbone, bottleneck_dir,
-                             on_bad_image=settings.on_bad_image, log=log, fast_decode=settings.fast_decode)
+                             on_bad_image=settings.on_bad_image, log=log, fast_decode=settings.fast_decode,
+                             dask_scheduler=settings.dask_scheduler, device=settings.device)
     copies = len(result.keys) - len(set(result.keys))  # identical files: one bottleneck serves them all
     log(f"{len(result.kept)} bottlenecks ready ({result.computed} computed now, "
         f"{len(result.kept) - copies - result.computed} from the cache in {bottleneck_dir}"
