@@ -137,7 +137,7 @@ def test_the_workers_compute_the_bottlenecks_of_a_local_run(runs, real_backbone)
     assert sorted(remote_rows) == sorted(local_rows) and len(remote_rows) == 9
     assert max(np.abs(remote_rows[key] - local_rows[key]).max() for key in local_rows) <= 1e-5
     assert len(list(remote_store.glob("shard-*.npz"))) == len(list(local_store.glob("shard-*.npz")))
-    assert any(line.startswith("Computing bottlenecks on 2 Dask worker(s) at tcp://127.0.0.1:")
+    assert any(line.startswith("Computing bottlenecks on 2 Dask worker(s) (2 thread(s)) at tcp://127.0.0.1:")
                for line in remote_lines)
     # The same progress line: 0/12 first, 12/12 last, a line per batch (batches may finish in another order).
     local_progress, remote_progress = progress_lines(local_stderr), progress_lines(remote_stderr)
@@ -274,9 +274,10 @@ def test_a_worker_that_sees_another_file_is_one_error(tmp_path, tiny_backbone, c
 
     backbone = load_backbone(tiny_backbone, device="cpu", verbose=False)
     paths = small_xrays(tmp_path / "images", 2)
-    tasks = compute_on_workers(cluster.scheduler_address, [paths], [["0" * 40, "1" * 40]], backbone, "cpu", False,
-                               log=lambda line: None)
-    with pytest.raises(ValueError, match=rf"sees another file at {re.escape(str(paths[0]))} \(SHA-1 "):
+    tasks = compute_on_workers(cluster.scheduler_address, paths, ["0" * 40, "1" * 40], [0, 1], 32, backbone, "cpu",
+                               False, log=lambda line: None)
+    folder = re.escape(str(paths[0].parent))
+    with pytest.raises(ValueError, match=rf"sees another file at {folder}/xray_00[01]\.png \(SHA-1 "):  # either task
         next(tasks)
 
 
@@ -288,16 +289,17 @@ def test_retrain_crossval_and_sweep_run_through_the_cluster(tmp_path, tiny_backb
     assert main(["retrain", *common, "--bottleneck_dir", str(tmp_path / "retrain"), "--dask_scheduler",
                  cluster.scheduler_address, "--output_graph", str(tmp_path / "graph.onnx"), "--output_labels",
                  str(tmp_path / "labels.txt"), "--how_many_training_steps", "3"]) == 0
-    assert "Computing bottlenecks on 2 Dask worker(s)" in capsys.readouterr().out
+    assert f"Computing bottlenecks on 2 Dask worker(s) (2 thread(s)) at {cluster.scheduler_address}: 2 task(s) of " \
+           "up to 4 images" in capsys.readouterr().out  # 8 images, fewer than 32 per thread: 4 each
     assert main(["sweep", *common, "--bottleneck_dir", str(tmp_path / "sweep"), "--dask_scheduler",
                  cluster.scheduler_address, "--training_steps", "3", "--learning_rates", "0.1",
                  "--class_balancing", "on", "--validation_percentage", "50", "--testing_percentage", "0",
                  "--output_json", str(tmp_path / "sweep.json")]) == 0
-    assert "Computing bottlenecks on 2 Dask worker(s)" in capsys.readouterr().out
+    assert "Computing bottlenecks on 2 Dask worker(s) (2 thread(s))" in capsys.readouterr().out
     monkeypatch.setenv("MINI_RETRAIN_DASK_SCHEDULER", cluster.scheduler_address)
     assert main(["crossval", *common, "--bottleneck_dir", str(tmp_path / "crossval"), "--folds", "2",
                  "--how_many_training_steps", "3", "--output_json", str(tmp_path / "crossval.json")]) == 0
-    assert "Computing bottlenecks on 2 Dask worker(s)" in capsys.readouterr().out
+    assert "Computing bottlenecks on 2 Dask worker(s) (2 thread(s))" in capsys.readouterr().out
 
 
 def test_a_worker_killed_mid_run_costs_only_its_tasks(tmp_path, tiny_backbone, cluster, client):
@@ -349,10 +351,12 @@ def test_a_lost_scheduler_is_one_error_and_keeps_what_is_written(tmp_path, tiny_
     address = closed_address()
     port = int(address.rsplit(":", 1)[1])
     dask = Path(sys.executable).with_name("dask")
-    scheduler = subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+    loopback = ["--no-dashboard", "--dashboard-address", "127.0.0.1:0"]  # its HTTP server too, not 0.0.0.0:8787
+    scheduler = subprocess.Popen([str(dask), "scheduler", "--host", "127.0.0.1", "--port", str(port), *loopback],
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    worker = subprocess.Popen([str(dask), "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
-                               "--death-timeout", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([str(dask), "worker", address, "--host", "127.0.0.1", "--nworkers", "1", "--nthreads",
+                               "1", "--death-timeout", "60", *loopback], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
     store = store_folder(tmp_path / "cache", backbone)
 
     def kill_the_scheduler() -> None:

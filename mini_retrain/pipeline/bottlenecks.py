@@ -160,10 +160,11 @@ def _progress(done: int, total: int, started: float, stream=None) -> None:
         print(line, file=stream, flush=True)
 
 
-def _compute_here(paths: list[Path], batches: list[list[int]], backbone: Backbone, fast_decode: bool, workers: int
-                  ) -> Iterator[tuple[int, list[BadImageError | None], np.ndarray]]:
-    """On this machine, batch by batch: `workers` threads decode the next batch while the backbone runs on this one.
-    Yields (batch number, each image's BadImageError or None, (n_good, D) float32 for the others)."""
+def _compute_here(paths: list[Path], to_compute: list[int], batch_size: int, backbone: Backbone, fast_decode: bool,
+                  workers: int) -> Iterator[tuple[int, list[int], list[BadImageError | None], np.ndarray]]:
+    """paths[to_compute] on this machine, batch by batch: `workers` threads decode the next batch while the backbone
+    runs on this one. Yields (batch number, the batch's indices into paths, each image's BadImageError or None,
+    (n_good, D) float32 for the others)."""
 
     def decode(i: int) -> np.ndarray | BadImageError:
         try:
@@ -172,6 +173,7 @@ def _compute_here(paths: list[Path], batches: list[list[int]], backbone: Backbon
         except BadImageError as error:
             return error
 
+    batches = list(_batches(to_compute, batch_size))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         # pool.map decodes ahead (all queued at once would hold every image in memory, so go batch by batch,
         # submitting the next batch before running the network on this one).
@@ -183,7 +185,7 @@ def _compute_here(paths: list[Path], batches: list[list[int]], backbone: Backbon
             errors = [x if isinstance(x, BadImageError) else None for x in decoded]
             good = [x for x in decoded if not isinstance(x, BadImageError)]
             values = run_backbone(backbone, np.stack(good)) if good else np.zeros((0, 0), np.float32)  # (n_good, D)
-            yield number, errors, values
+            yield number, batch, errors, values
 
 
 def get_bottlenecks(
@@ -247,32 +249,28 @@ def get_bottlenecks(
         started = time.perf_counter()
         done = 0
         _progress(done, len(to_compute), started)
-        batches = list(_batches(to_compute, batch_size))
         if dask_scheduler:  # the workers of a Dask cluster compute them (pipeline/cluster.py: dask is imported here)
             from mini_retrain.pipeline.cluster import compute_on_workers
 
-            results = compute_on_workers(dask_scheduler, [[paths[i] for i in batch] for batch in batches],
-                                         [[keys[i] for i in batch] for batch in batches], backbone, device,
+            results = compute_on_workers(dask_scheduler, paths, keys, to_compute, batch_size, backbone, device,
                                          fast_decode, log)
         else:
-            results = _compute_here(paths, batches, backbone, fast_decode, workers)
-        errors_of: dict[int, list[BadImageError | None]] = {}  # finished batches whose bad images are not told yet
+            results = _compute_here(paths, to_compute, batch_size, backbone, fast_decode, workers)
+        told_of: dict[int, list[tuple[int, BadImageError]]] = {}  # finished batches whose bad images are not told yet
         told = 0  # batches finish in any order on a cluster; their skip lines are told in the order of the paths
         with contextlib.closing(results):  # on Ctrl-C or an error: stop the decoding threads, cancel the tasks
-            for number, errors, values in results:
-                batch = batches[number]
+            for number, batch, errors, values in results:
                 batch_keys = [keys[i] for i, error in zip(batch, errors) if error is None]
                 if batch_keys:
                     write_shard(folder, batch_keys, values)
                     new_keys.extend(batch_keys)
                     new_values.append(values)
-                errors_of[number] = errors
-                while told in errors_of:
-                    for i, error in zip(batches[told], errors_of.pop(told)):
-                        if error is not None:
-                            skip(paths[i], error)
-                            failed[keys[i]] = error
-                            keys[i] = None
+                told_of[number] = [(i, error) for i, error in zip(batch, errors) if error is not None]
+                while told in told_of:
+                    for i, error in told_of.pop(told):
+                        skip(paths[i], error)
+                        failed[keys[i]] = error
+                        keys[i] = None
                     told += 1
                 done += len(batch)
                 _progress(done, len(to_compute), started)

@@ -22,8 +22,9 @@ that imports dask, and only when --dask_scheduler is given; training the final l
   every file it reads, so a worker that sees another file at the same path is an error, never a wrong bottleneck.
 * The cache stays on this machine: the workers return bottlenecks and this process writes the usual shards (atomic,
   resumable, same keys, same folder), one per task as it finishes.
-* A task is a batch of 32, as a local run's batches: a few seconds of work, so the scheduler's few milliseconds per
-  task do not count, a killed worker loses at most one batch per thread, and a shard holds 32 rows either way.
+* A task is a batch of 32, as a local run's batches (fewer when there are fewer than 32 images per worker thread, so
+  that every thread has work): seconds of work, so the scheduler's fraction of a millisecond per task does not
+  count, a killed worker loses at most one batch per thread, and a shard holds up to 32 rows either way.
 * Each worker runs onnxruntime on 1 thread: the parallelism is Dask's (`dask worker ADDRESS --nworkers N --nthreads
   1`: N processes, say one per core). A task that raises is retried (RETRIES); the tasks of a worker that dies are
   given to the others by the scheduler. Ctrl-C (or any error) cancels the tasks not yet finished; the shards written
@@ -88,58 +89,67 @@ def connect(address: str):
 
 def compute_on_workers(
     address: str,
-    batches: list[list[Path]],
-    keys: list[list[str]],
+    paths: list[Path],
+    keys: list[str | None],
+    to_compute: list[int],
+    batch_size: int,
     backbone: Backbone,
     device: str,
     fast_decode: bool,
     log: Callable[[str], None] = print,
-) -> Iterator[tuple[int, list[BadImageError | None], np.ndarray]]:
-    """Run every batch on the workers; yield (batch number, each image's BadImageError or None, (n_good, D) float32)
-    as each task finishes, in any order. keys: this machine's SHA-1 of each file, which the workers must reproduce.
+) -> Iterator[tuple[int, list[int], list[BadImageError | None], np.ndarray]]:
+    """paths[to_compute] on the workers, a task per batch; yields (batch number, the batch's indices into paths, each
+    image's BadImageError or None, (n_good, D) float32 for the others) as each task finishes, in any order.
 
-    Closing the generator (Ctrl-C, an error, the caller is done) cancels the tasks not yet finished.
+    keys: this machine's SHA-1 of each file, which the workers must find too. A batch holds batch_size images, or
+    fewer when there are fewer than that per worker thread, so that every thread has work (16 images on 2 threads:
+    2 tasks of 8). Closing the generator (Ctrl-C, an error) cancels the tasks not yet finished.
     """
     from distributed import KilledWorker, as_completed
     from distributed.comm import CommClosedError
 
     client = connect(address)
-    pending = {}  # task key -> (batch number, future): what is still running or queued
+    expected = {i: keys[i] for i in to_compute}  # the caller may change `keys` while tasks run
+    pending = {}  # task key -> (batch number, its indices, future): what is still running or queued
     try:
-        workers = _check_workers(client, address, backbone, batches[0][0])
-        log(f"Computing bottlenecks on {workers} Dask worker(s) at {address}: {len(batches)} task(s) of up to "
-            f"{max(len(batch) for batch in batches)} images")
+        workers, threads = _check_workers(client, address, backbone, paths[to_compute[0]])
+        size = min(batch_size, -(-len(to_compute) // threads))  # ceil(n / threads)
+        batches = [to_compute[start:start + size] for start in range(0, len(to_compute), size)]
+        log(f"Computing bottlenecks on {workers} Dask worker(s) ({threads} thread(s)) at {address}: "
+            f"{len(batches)} task(s) of up to {size} images")
         for number, batch in enumerate(batches):
-            future = client.submit(bottlenecks_of_files, [str(path) for path in batch], str(backbone.path),
+            future = client.submit(bottlenecks_of_files, [str(paths[i]) for i in batch], str(backbone.path),
                                    backbone.sidecar, device, fast_decode, retries=RETRIES, pure=False)
-            pending[future.key] = (number, future)
-        for future in as_completed([future for _, future in pending.values()], loop=client.loop):
-            number, _ = pending.pop(future.key)
+            pending[future.key] = (number, batch, future)
+        for future in as_completed([future for _, _, future in pending.values()], loop=client.loop):
+            number, batch, _ = pending.pop(future.key)
             try:
                 worker, worker_keys, errors, values = future.result()
             except KilledWorker:
-                raise RuntimeError(f"the batch starting with {batches[number][0]} killed every worker that ran it "
+                raise RuntimeError(f"the batch starting with {paths[batch[0]]} killed every worker that ran it "
                                    "(out of memory?); see the workers' logs") from None
             except (CommClosedError, CancelledError) as error:  # the scheduler went away
                 raise RuntimeError(f"lost the Dask scheduler at {address} ({type(error).__name__}); the bottlenecks "
                                    "written are kept: run the same command again") from None
-            for path, key, worker_key, error in zip(batches[number], keys[number], worker_keys, errors):
+            for i, worker_key, error in zip(batch, worker_keys, errors):
                 if worker_key is None:
-                    raise ValueError(f"Dask worker {worker} cannot read {path} ({error.reason}), which this machine "
-                                     "read: every worker must see the images at the same paths (shared storage)")
-                if worker_key != key:
-                    raise ValueError(f"Dask worker {worker} sees another file at {path} (SHA-1 {worker_key[:12]}..., "
-                                     f"here {key[:12]}...): every worker must see the same images (shared storage)")
-            yield number, errors, values
+                    raise ValueError(f"Dask worker {worker} cannot read {paths[i]} ({error.reason}), which this "
+                                     "machine read: every worker must see the images at the same paths (shared "
+                                     "storage)")
+                if worker_key != expected[i]:
+                    raise ValueError(f"Dask worker {worker} sees another file at {paths[i]} (SHA-1 "
+                                     f"{worker_key[:12]}..., here {expected[i][:12]}...): every worker must see the "
+                                     "same images (shared storage)")
+            yield number, batch, errors, values
     finally:
         try:
-            client.cancel([future for _, future in pending.values()])
+            client.cancel([future for _, _, future in pending.values()])
         finally:
             client.close()
 
 
-def _check_workers(client, address: str, backbone: Backbone, first_image: Path) -> int:
-    """Wait for a worker, then ask every worker whether it sees the backbone and the first image; the worker count."""
+def _check_workers(client, address: str, backbone: Backbone, first_image: Path) -> tuple[int, int]:
+    """Wait for a worker, then ask every worker whether it sees the backbone and the first image: (workers, threads)."""
     import distributed
 
     try:
@@ -159,7 +169,7 @@ def _check_workers(client, address: str, backbone: Backbone, first_image: Path) 
         if problem:
             raise ValueError(f"Dask worker {worker} {problem}: every worker must see the backbone and the images at "
                              "this machine's paths (shared storage; the default backbone lives in $MINI_RETRAIN_HOME)")
-    return len(answers)
+    return len(answers), sum(client.nthreads().values())
 
 
 def _look_at_files(backbone_path: str, first_image: str) -> tuple[str, str | None]:
