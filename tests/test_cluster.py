@@ -281,6 +281,25 @@ def test_a_worker_that_sees_another_file_is_one_error(tmp_path, tiny_backbone, c
         next(tasks)
 
 
+def test_the_layers_reach_the_workers_and_a_task_error_reaches_this_machine(tmp_path, tiny_backbone, cluster):
+    """compute_on_workers(layers=...) runs the workers' backbone on those layers; a task that raises (here: a layer
+    the tiny backbone lacks) raises the same error here, after its retries."""
+    from mini_retrain.pipeline.cluster import compute_on_workers
+    from mini_retrain.pipeline.images import file_sha1
+
+    backbone = load_backbone(tiny_backbone, device="cpu", verbose=False)
+    paths = small_xrays(tmp_path / "images", 2)
+    keys = [file_sha1(path) for path in paths]
+    for layers, width in ((("pool_3",), 4), (None, 4)):
+        done = list(compute_on_workers(cluster.scheduler_address, paths, keys, [0, 1], 32, backbone, "cpu", False,
+                                       log=lambda line: None, layers=layers))
+        assert sorted(i for _, batch, _, _ in done for i in batch) == [0, 1]
+        assert all(values.shape == (len(batch), width) for _, batch, _, values in done)
+    with pytest.raises(ValueError, match="layers: the backbone has no layer 'mixed_7'"):
+        list(compute_on_workers(cluster.scheduler_address, paths, keys, [0, 1], 32, backbone, "cpu", False,
+                                log=lambda line: None, layers=("mixed_7",)))
+
+
 def test_retrain_crossval_and_sweep_run_through_the_cluster(tmp_path, tiny_backbone, cluster, monkeypatch, capsys):
     """The flag reaches the bottlenecks from each command; crossval takes the address from the environment."""
     small_xrays(tmp_path / "images" / "a", 4)

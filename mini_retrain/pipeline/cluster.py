@@ -36,8 +36,8 @@ from __future__ import annotations
 import functools
 import os
 import socket
-from concurrent.futures import CancelledError
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 import numpy as np
@@ -97,11 +97,13 @@ def compute_on_workers(
     device: str,
     fast_decode: bool,
     log: Callable[[str], None] = print,
+    layers: tuple[str, ...] | None = None,
 ) -> Iterator[tuple[int, list[int], list[BadImageError | None], np.ndarray]]:
     """paths[to_compute] on the workers, a task per batch; yields (batch number, the batch's indices into paths, each
     image's BadImageError or None, (n_good, D) float32 for the others) as each task finishes, in any order.
 
-    keys: this machine's SHA-1 of each file, which the workers must find too. A batch holds batch_size images, or
+    keys: this machine's SHA-1 of each file, which the workers must find too. layers: as run_backbone's (None: the
+    bottleneck output). A batch holds batch_size images, or
     fewer when there are fewer than that per worker thread, so that every thread has work (16 images on 2 threads:
     2 tasks of 8). Closing the generator (Ctrl-C, an error) cancels the tasks not yet finished.
     """
@@ -119,7 +121,7 @@ def compute_on_workers(
             f"{len(batches)} task(s) of up to {size} images")
         for number, batch in enumerate(batches):
             future = client.submit(bottlenecks_of_files, [str(paths[i]) for i in batch], str(backbone.path),
-                                   backbone.sidecar, device, fast_decode, retries=RETRIES, pure=False)
+                                   backbone.sidecar, device, fast_decode, layers, retries=RETRIES, pure=False)
             pending[future.key] = (number, batch, future)
         for future in as_completed([future for _, _, future in pending.values()], loop=client.loop):
             number, batch, _ = pending.pop(future.key)
@@ -181,14 +183,16 @@ def _look_at_files(backbone_path: str, first_image: str) -> tuple[str, str | Non
     return __version__, None
 
 
-def bottlenecks_of_files(paths: list[str], backbone_path: str, sidecar: dict, device: str, fast_decode: bool
+def bottlenecks_of_files(paths: list[str], backbone_path: str, sidecar: dict, device: str, fast_decode: bool,
+                         layers: tuple[str, ...] | None = None
                          ) -> tuple[str, list[str | None], list[BadImageError | None], np.ndarray]:
     """One task, on a worker: the bottlenecks of one batch of image files.
 
     Returns (this worker, keys, errors, values): for each file its SHA-1 as read here (None when it cannot be read)
     and why it cannot be decoded (a BadImageError, or None); values (n_good, D) float32, one row per file without an
-    error, in order. The backbone is loaded once per worker process and kept (_backbone_of_this_process); sidecar is
-    the client's, so a worker with another file at backbone_path fails instead of computing other numbers.
+    error, in order: run_backbone's output for `layers` (None: the bottleneck output), in one forward pass.
+    The backbone is loaded once per worker process and kept (_backbone_of_this_process); sidecar is the client's, so
+    a worker with another file at backbone_path fails instead of computing other numbers.
     """
     from distributed import get_worker
 
@@ -214,9 +218,9 @@ def bottlenecks_of_files(paths: list[str], backbone_path: str, sidecar: dict, de
             errors.append(None)
         except BadImageError as error:
             errors.append(error)
-    values = run_backbone(backbone, np.stack(inputs)) if inputs else \
-        np.zeros((0, sidecar["bottleneck_size"]), np.float32)  # (n_good, D)
-    return worker, keys, errors, values
+    if not inputs:
+        return worker, keys, errors, np.zeros((0, 0), np.float32)
+    return worker, keys, errors, run_backbone(backbone, np.stack(inputs), layers=layers)  # (n_good, D)
 
 
 @functools.lru_cache(maxsize=2)
