@@ -6,6 +6,7 @@ Flag names follow TensorFlow's retrain.py and label_image, so its users recognis
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import textwrap
@@ -31,6 +32,8 @@ class _Help(argparse.HelpFormatter):
     def _split_lines(self, text: str, width: int) -> list[str]:
         # argparse's wrap breaks at hyphens, splitting paths such as /home/ann/my-cache: break at spaces only.
         return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False, break_long_words=False)
+
+DASK_SCHEDULER_VARIABLE = "MINI_RETRAIN_DASK_SCHEDULER"  # the default of --dask_scheduler
 
 
 def _backbone(args: argparse.Namespace) -> int:
@@ -225,6 +228,15 @@ def _add_layers_flag(parser: argparse.ArgumentParser) -> None:
                         "follow the graph")
 
 
+def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    """--dask_scheduler, for the commands that compute the bottlenecks of a folder (retrain, crossval, sweep, ...)."""
+    parser.add_argument("--dask_scheduler", metavar="ADDRESS", default=os.environ.get(DASK_SCHEDULER_VARIABLE) or None,
+                        help="compute the bottlenecks missing from the cache on the workers of the Dask scheduler "
+                        "at tcp://HOST:PORT (needs mini_retrain[cluster] on every machine, and the images and the "
+                        "backbone at the same paths on the workers: README, Beyond one machine); default: "
+                        f"%(default)s (from ${DASK_SCHEDULER_VARIABLE}; None = on this machine)")
+
+
 def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
     from mini_retrain.build.backbone_build import BACKBONE_FILENAME
 
@@ -319,6 +331,7 @@ def _add_retrain_parser(commands) -> None:
                    help="write a class activation heat map for each misclassified test image into this folder "
                    "(the report shows them)")
     _add_backbone_flags(p)
+    _add_cluster_flags(p)
     p.set_defaults(run=_retrain)
 
 
@@ -397,6 +410,7 @@ def _add_crossval_parser(commands) -> None:
                    help="where to write per-fold and pooled metrics and every out-of-fold prediction")
     _add_report_flag(p, "the pooled out-of-fold ROC, confusion matrix and reliability plots")
     _add_backbone_flags(p)
+    _add_cluster_flags(p)
     p.set_defaults(run=_crossval)
 
 
@@ -430,6 +444,7 @@ def _add_sweep_parser(commands) -> None:
     p.add_argument("--output_json", type=Path, default=Path("sweep.json"),
                    help="where to write every setting's validation results and the winner's test metrics")
     _add_backbone_flags(p)
+    _add_cluster_flags(p)
     p.set_defaults(run=_sweep)
 
 

@@ -61,6 +61,7 @@ class RetrainSettings:
     positive_label: str | None = None
     explain_misclassified: Path | None = None
     report: Path | None = None
+    dask_scheduler: str | None = None  # a Dask scheduler's address: its workers compute the bottlenecks (cluster.py)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):

@@ -159,3 +159,12 @@ def mutated(seed: bytes, flips: list[tuple[float, int]], keep: float, truncate_b
     for where, bit in flips:
         data[int(where * len(data))] ^= 1 << bit
     return bytes(data[: max(1, int(keep * len(data)))]) if keep < truncate_below else bytes(data)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_dask_scheduler_from_the_environment():
+    """A developer's $MINI_RETRAIN_DASK_SCHEDULER must not send every test's bottlenecks to their cluster (it is the
+    default of --dask_scheduler); tests/test_cluster.py sets it where it tests it. Subprocesses inherit its absence."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MINI_RETRAIN_DASK_SCHEDULER", raising=False)
+        yield

@@ -123,7 +123,7 @@ def write_images(folder, count, seed=0, classes=("normal", "pneumonia")):
 
 @pytest.fixture
 def layered(tiny_layered_backbone):
-    return load_backbone(tiny_layered_backbone, device="cpu", verbose=False)
+    return load_backbone(tiny_layered_backbone, device="cpu", log=lambda line: None)
 
 
 def test_parse_layers_and_its_messages():
@@ -182,7 +182,7 @@ def test_a_layer_the_backbone_lacks_stops_before_any_work(layered, tiny_backbone
     paths = write_images(tmp_path / "images", 1)
     with pytest.raises(ValueError, match="--bottleneck_layers: the backbone has no layer 'mixed_7'; choose from"):
         get_bottlenecks(paths, layered, tmp_path / "cache", layers=("mixed_7",), log=lambda line: None)
-    older = load_backbone(tiny_backbone, device="cpu", verbose=False)  # a sidecar without `layers`
+    older = load_backbone(tiny_backbone, device="cpu", log=lambda line: None)  # a sidecar without `layers`
     with pytest.raises(ValueError, match="rebuild it with `mini_retrain backbone`"):
         get_bottlenecks(paths, older, tmp_path / "cache", layers=("mixed_8",), log=lambda line: None)
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").rglob("shard-*"))

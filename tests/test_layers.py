@@ -16,7 +16,7 @@ from tests.test_bottlenecks import write_images
 
 @pytest.fixture
 def layered(tiny_layered_backbone):
-    return load_backbone(tiny_layered_backbone, device="cpu", verbose=False)
+    return load_backbone(tiny_layered_backbone, device="cpu", log=lambda line: None)
 
 
 def retrain_argv(image_dir, tmp_path, backbone, layers, *extra):

@@ -116,7 +116,7 @@ def test_the_graph_computes_the_distance_fitted_in_retrain(retrained, tiny_layer
     assert float(metadata["population_threshold"]) == pytest.approx(metrics["population_threshold"])
     model = PopulationModel(POPULATION_LAYER, arrays["population_mean"], arrays["population_components"],
                             arrays["population_precision"], float(metadata["population_threshold"]), 0.0)
-    backbone = load_backbone(tiny_layered_backbone, device="cpu", verbose=False)
+    backbone = load_backbone(tiny_layered_backbone, device="cpu", log=lambda line: None)
     images = np.random.default_rng(5).uniform(-1, 1, (6, 3, 299, 299)).astype(np.float32)
     session = onnxruntime.InferenceSession(str(retrained / "graph.onnx"), providers=["CPUExecutionProvider"])
     (distance,) = session.run(["population_distance"], {"images": images})
@@ -168,7 +168,7 @@ def test_a_graph_without_the_distance_still_labels(tiny_layered_backbone, tmp_pa
     from mini_retrain.pipeline.export import build_retrained_model, write_retrained_graph
     from mini_retrain.pipeline.retrained_graph import load_retrained
 
-    backbone = load_backbone(tiny_layered_backbone, device="cpu", verbose=False)
+    backbone = load_backbone(tiny_layered_backbone, device="cpu", log=lambda line: None)
     model = build_retrained_model(backbone, np.ones((6, 2), np.float32), np.zeros(2, np.float32), ["a", "b"])
     path = write_retrained_graph(tmp_path / "old.onnx", model)
     assert "population_distance" not in {o.name for o in onnxruntime.InferenceSession(

@@ -64,13 +64,16 @@ def read_sidecar(onnx_path: Path) -> dict[str, Any]:
     return sidecar
 
 
-def session_options():
-    """onnxruntime settings for one process that owns the machine: all cores on each operator, full graph fusion."""
+def session_options(threads: int | None = None):
+    """onnxruntime settings for one process that owns the machine: all cores on each operator, full graph fusion.
+
+    threads: the cores each operator may use (default: every core). A Dask worker uses 1 (pipeline/cluster.py): there
+    the worker processes and threads are the parallelism."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = os.cpu_count() or 1
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
     options.inter_op_num_threads = 1
     options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
     # Between operators onnxruntime's worker threads normally spin (busy-wait) for the next one. Our image decoding
@@ -84,10 +87,11 @@ def session_options():
 
 
 def load_backbone(path: str | os.PathLike | None = None, device: str = "auto",
-                  log: Callable[[str], None] = print) -> Backbone:
+                  log: Callable[[str], None] = print, threads: int | None = None) -> Backbone:
     """Open the backbone ONNX in an onnxruntime session (building the default one on first use).
 
-    log receives the line naming the provider used, and a WARNING when CUDA was asked for but is missing."""
+    log receives the line naming the provider used, and a WARNING when CUDA was asked for but is missing.
+    threads: see session_options."""
     import onnxruntime
 
     path = ensure_backbone(path, log)
@@ -96,7 +100,7 @@ def load_backbone(path: str | os.PathLike | None = None, device: str = "auto",
     if message:
         log(f"WARNING: {message}")
     try:
-        session = onnxruntime.InferenceSession(str(path), sess_options=session_options(), providers=providers)
+        session = onnxruntime.InferenceSession(str(path), sess_options=session_options(threads), providers=providers)
     except Exception as error:  # onnxruntime raises its own exception types for damaged files
         raise ValueError(f"{path}: onnxruntime cannot load it ({str(error).splitlines()[0]}); rebuild it") from None
     provider = session.get_providers()[0]

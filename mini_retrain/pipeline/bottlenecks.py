@@ -20,11 +20,13 @@ network stay the same. Our cache is keyed the same way, but by content rather th
 * When a run has added shards, they are merged into one, so that loading 100k cached bottlenecks is one file read.
 
 Decoding large X-rays can cost as much as the network, so images are decoded by a small thread pool (Pillow releases
-the GIL) while the backbone runs on the previous batch.
+the GIL) while the backbone runs on the previous batch. With a Dask scheduler (--dask_scheduler), the workers of the
+cluster compute the batches instead (pipeline/cluster.py); the cache, the keys and the lines printed are the same.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -171,6 +173,36 @@ def progress_line(done: int, total: int, started: float, stream=None, title: str
         print(line, file=stream, flush=True)
 
 
+def _compute_here(paths: list[Path], to_compute: list[int], batch_size: int, backbone: Backbone, fast_decode: bool,
+                  workers: int, layers: tuple[str, ...] | None = None
+                  ) -> Iterator[tuple[int, list[int], list[BadImageError | None], np.ndarray]]:
+    """paths[to_compute] on this machine, batch by batch: `workers` threads decode the next batch while the backbone
+    runs on this one. Yields (batch number, the batch's indices into paths, each image's BadImageError or None,
+    (n_good, D) float32 for the others)."""
+
+    def decode(i: int) -> np.ndarray | BadImageError:
+        try:
+            image = read_image(paths[i], fast=fast_decode, keep_gray=True)
+            return backbone_input(image, backbone.sidecar, fast=fast_decode)
+        except BadImageError as error:
+            return error
+
+    batches = list(_batches(to_compute, batch_size))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        # pool.map decodes ahead (all queued at once would hold every image in memory, so go batch by batch,
+        # submitting the next batch before running the network on this one).
+        pending = pool.map(decode, batches[0])
+        for number, batch in enumerate(batches):
+            decoded = list(pending)
+            if number + 1 < len(batches):
+                pending = pool.map(decode, batches[number + 1])
+            errors = [x if isinstance(x, BadImageError) else None for x in decoded]
+            good = [x for x in decoded if not isinstance(x, BadImageError)]
+            values = (run_backbone(backbone, np.stack(good), layers=layers) if good
+                      else np.zeros((0, 0), np.float32))  # (n_good, D)
+            yield number, batch, errors, values
+
+
 def get_bottlenecks(
     paths: list[Path],
     backbone: Backbone,
@@ -181,6 +213,8 @@ def get_bottlenecks(
     log: Callable[[str], None] = print,
     fast_decode: bool = False,
     layers: tuple[str, ...] | None = None,
+    dask_scheduler: str | None = None,
+    device: str = "auto",
 ) -> Bottlenecks:
     """Bottlenecks for `paths`, from the cache where possible, else computed (and cached) batch by batch.
 
@@ -188,6 +222,8 @@ def get_bottlenecks(
     its own store; an image missing from some of them goes through the backbone once, for all its missing layers.
     on_bad_image: "skip" prints one line per unusable file and leaves it out; "error" raises BadImageError.
     fast_decode: JPEG draft and Image.reduce before the resize (images.read_image / resize_for_backbone, fast=True).
+    dask_scheduler: the address of a Dask scheduler whose workers compute the missing bottlenecks, one task per batch,
+    on `device` (pipeline/cluster.py); the cache, the progress line and the skip lines are the same as here.
     """
     if on_bad_image not in ("skip", "error"):
         raise ValueError(f"on_bad_image must be 'skip' or 'error', not {on_bad_image!r}")
@@ -240,39 +276,33 @@ def get_bottlenecks(
         progress_line(done, len(to_compute), started)
         needed_sizes = layer_sizes(backbone.sidecar, needed)
         starts = np.cumsum([0] + needed_sizes)  # column where each needed layer begins
+        if dask_scheduler:  # the workers of a Dask cluster compute them (pipeline/cluster.py: dask is imported here)
+            from mini_retrain.pipeline.cluster import compute_on_workers
 
-        def decode(i: int) -> np.ndarray | BadImageError:
-            try:
-                image = read_image(paths[i], fast=fast_decode, keep_gray=True)
-                return backbone_input(image, backbone.sidecar, fast=fast_decode)
-            except BadImageError as error:
-                return error
-
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            # pool.map decodes ahead (all queued at once would hold every image in memory, so go batch by batch,
-            # submitting the next batch before running the network on this one).
-            batches = list(_batches(to_compute, batch_size))
-            pending = pool.map(decode, batches[0])
-            for number, batch in enumerate(batches):
-                decoded = list(pending)
-                if number + 1 < len(batches):
-                    pending = pool.map(decode, batches[number + 1])
-                good = [(i, x) for i, x in zip(batch, decoded) if not isinstance(x, BadImageError)]
-                for i, x in zip(batch, decoded):
-                    if isinstance(x, BadImageError):
-                        skip(paths[i], x)
-                        failed[keys[i]] = x
+            results = compute_on_workers(dask_scheduler, paths, keys, to_compute, batch_size, backbone, device,
+                                         fast_decode, log, layers=needed)
+        else:
+            results = _compute_here(paths, to_compute, batch_size, backbone, fast_decode, workers, needed)
+        told_of: dict[int, list[tuple[int, BadImageError]]] = {}  # finished batches whose bad images are not told yet
+        told = 0  # batches finish in any order on a cluster; their skip lines are told in the order of the paths
+        with contextlib.closing(results):  # on Ctrl-C or an error: stop the decoding threads, cancel the tasks
+            for number, batch, errors, values in results:  # values: (n_good, D) of the needed layers side by side
+                good = [i for i, error in zip(batch, errors) if error is None]
+                for layer, start, end in zip(needed, starts[:-1], starts[1:]):
+                    rows = [row for row, i in enumerate(good) if not cached(layer, keys[i])]
+                    if rows:
+                        batch_keys = [keys[good[row]] for row in rows]
+                        block = np.ascontiguousarray(values[rows, start:end])  # (rows, size of the layer)
+                        write_shard(folders[layer], batch_keys, block)
+                        new_keys[layer].extend(batch_keys)
+                        new_values[layer].append(block)
+                told_of[number] = [(i, error) for i, error in zip(batch, errors) if error is not None]
+                while told in told_of:
+                    for i, error in told_of.pop(told):
+                        skip(paths[i], error)
+                        failed[keys[i]] = error
                         keys[i] = None
-                if good:
-                    values = run_backbone(backbone, np.stack([x for _, x in good]), layers=needed)  # (batch, D)
-                    for layer, start, end in zip(needed, starts[:-1], starts[1:]):
-                        rows = [row for row, (i, _) in enumerate(good) if not cached(layer, keys[i])]
-                        if rows:
-                            batch_keys = [keys[good[row][0]] for row in rows]
-                            block = np.ascontiguousarray(values[rows, start:end])  # (rows, size of the layer)
-                            write_shard(folders[layer], batch_keys, block)
-                            new_keys[layer].extend(batch_keys)
-                            new_values[layer].append(block)
+                    told += 1
                 done += len(batch)
                 progress_line(done, len(to_compute), started)
         for layer in needed:

@@ -64,8 +64,9 @@ def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print,
     """Steps 1-3: find the images, split them, get their bottlenecks (cached); report duplicates.
 
     Uses image_dir, validation_percentage, testing_percentage, group_pattern, backbone, device, bottleneck_dir,
-    on_bad_image, fast_decode, bottleneck_layers and positive_label of `settings`. The folder is listed and split
-    before the backbone is loaded (or built), so a bad --group_pattern, a missing folder, a single class, bad
+    on_bad_image, fast_decode, bottleneck_layers, positive_label and dask_scheduler of `settings`. The folder is listed
+    and split, and the Dask scheduler reached, before the backbone is loaded (or built), so an unreachable scheduler,
+    a bad --group_pattern, a missing folder, a single class, bad
     percentages, a --positive_label that is not a class, or what check_lists(image_lists) refuses (crossval: more
     folds than a class has images) are reported at once. Without a --group_pattern, file names that look like one
     patient's films say so (split.shared_id_warning). extra_layers: more pooled layers for every image, from the same
@@ -86,6 +87,10 @@ def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print,
                          f"choose one of: {', '.join(labels)}")
     if check_lists is not None:
         check_lists(image_lists)
+    if settings.dask_scheduler:  # dask is imported only here, and in get_bottlenecks
+        from mini_retrain.pipeline.cluster import check_scheduler
+
+        check_scheduler(settings.dask_scheduler)
     backbone = load_backbone(settings.backbone, settings.device, log)
     offered = offered_layers(backbone.sidecar)
     wanted = extra_layers + tuple(layer for layer in optional_layers if layer in offered)
@@ -101,7 +106,7 @@ def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print,
     bottleneck_dir = bottleneck_folder(settings)
     result = get_bottlenecks([image_dir / relative for _, _, relative in entries], backbone, bottleneck_dir,
                              on_bad_image=settings.on_bad_image, log=log, fast_decode=settings.fast_decode,
-                             layers=every_layer)
+                             layers=every_layer, dask_scheduler=settings.dask_scheduler, device=settings.device)
     copies = len(result.keys) - len(set(result.keys))  # identical files: one bottleneck serves them all
     log(f"{len(result.kept)} bottlenecks ready ({result.computed} computed now, "
         f"{len(result.kept) - copies - result.computed} from the cache in {bottleneck_dir}"
