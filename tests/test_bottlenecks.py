@@ -180,7 +180,7 @@ def test_layers_come_side_by_side_and_a_second_layer_reuses_the_first_ones_cache
 
 def test_a_layer_the_backbone_lacks_stops_before_any_work(layered, tiny_backbone, tmp_path):
     paths = write_images(tmp_path / "images", 1)
-    with pytest.raises(ValueError, match="--bottleneck_layers: the backbone has no layer 'mixed_7'; choose from"):
+    with pytest.raises(ValueError, match="^bottleneck_layers: the backbone has no layer 'mixed_7'; choose from"):
         get_bottlenecks(paths, layered, tmp_path / "cache", layers=("mixed_7",), log=lambda line: None)
     older = load_backbone(tiny_backbone, device="cpu", log=lambda line: None)  # a sidecar without `layers`
     with pytest.raises(ValueError, match="rebuild it with `mini_retrain backbone`"):

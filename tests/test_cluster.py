@@ -311,7 +311,7 @@ def test_retrain_crossval_and_sweep_run_through_the_cluster(tmp_path, tiny_backb
     assert f"Computing bottlenecks on 2 Dask worker(s) (2 thread(s)) at {cluster.scheduler_address}: 2 task(s) of " \
            "up to 4 images" in capsys.readouterr().out  # 8 images, fewer than 32 per thread: 4 each
     assert main(["sweep", *common, "--bottleneck_dir", str(tmp_path / "sweep"), "--dask_scheduler",
-                 cluster.scheduler_address, "--training_steps", "3", "--learning_rates", "0.1",
+                 cluster.scheduler_address, "--how_many_training_steps", "3", "--learning_rates", "0.1",
                  "--class_balancing", "on", "--validation_percentage", "50", "--testing_percentage", "0",
                  "--output_json", str(tmp_path / "sweep.json")]) == 0
     assert "Computing bottlenecks on 2 Dask worker(s) (2 thread(s))" in capsys.readouterr().out

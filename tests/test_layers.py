@@ -119,7 +119,7 @@ def test_sweep_chooses_among_layers_on_validation(tiny_layered_backbone, tmp_pat
     output = tmp_path / "sweep.json"
     assert main(["sweep", "--image_dir", str(image_dir), "--backbone", str(tiny_layered_backbone), "--device", "cpu",
                  "--bottleneck_dir", str(tmp_path / "cache"), "--bottleneck_layers", "pool_3;mixed_8;pool_3,mixed_6",
-                 "--learning_rates", "0.01,0.1", "--training_steps", "50", "--class_balancing", "on",
+                 "--learning_rates", "0.01,0.1", "--how_many_training_steps", "50", "--class_balancing", "on",
                  "--validation_percentage", "30", "--testing_percentage", "20", "--output_json", str(output)]) == 0
     out = capsys.readouterr().out
     result = json.loads(output.read_text())
@@ -152,7 +152,8 @@ def test_standardised_training_folds_back_into_the_same_function():
                                rtol=1e-4, atol=1e-4)
     # train_layer(standardise=True) is the layer trained on the standardised rows, folded
     y = (x[:, 0] > 3.0).astype(np.int64)
-    trained = train_layer(x, y, 2, np.random.default_rng(1), 50, 0.1, 10, standardise=True)
-    by_hand = folded(train_layer((x - mean) / scale, y, 2, np.random.default_rng(1), 50, 0.1, 10), mean, scale)
+    knobs = dict(how_many_training_steps=50, learning_rate=0.1, train_batch_size=10, class_balancing=True)
+    trained = train_layer(x, y, 2, np.random.default_rng(1), **knobs, standardise=True)
+    by_hand = folded(train_layer((x - mean) / scale, y, 2, np.random.default_rng(1), **knobs), mean, scale)
     np.testing.assert_allclose(trained.weights, by_hand.weights, rtol=1e-6)
     assert standardises(("mixed_8",)) and standardises(("pool_3", "mixed_8")) and not standardises(("pool_3",))

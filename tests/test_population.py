@@ -67,7 +67,7 @@ def test_bad_input_is_refused_with_the_parameter_named():
     with pytest.raises(ValueError, match="quantile"):
         fit_population_model(rows, quantile=1.5)
     model = fit_population_model(rows)
-    with pytest.raises(ValueError, match="has 5 features but the model was fit on 6"):
+    with pytest.raises(ValueError, match="pooled has 5 numbers per image, expected 6"):
         population_distance(model, rows[:, :5])
     assert population_warning(12.34, 5.0) == (
         "WARNING: unlike the training X-rays (another population, machine or view?): distance 12.3 > 5.0; "

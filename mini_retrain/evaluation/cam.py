@@ -191,27 +191,28 @@ def explain_image(model: RetrainedModel, weights: np.ndarray, biases: np.ndarray
               "cams": {layer: cam.tolist() for layer, cam in cams.items()}}
     if len(cams) == 1:
         result["cam"] = next(iter(cams.values())).tolist()
-    warnings = []
+    warnings = []  # what the legend says under the picture, and explain under the image's lines
     if "ood_distance" in found:
         result["ood_distance"] = float(found["ood_distance"][0])
         result["ood_threshold"] = float(model.metadata["ood_threshold"])
         result["out_of_distribution"] = result["ood_distance"] > result["ood_threshold"]
         if result["out_of_distribution"]:
-            warnings.append(OOD_WARNING.format(distance=result["ood_distance"], threshold=result["ood_threshold"]))
+            result["warning"] = OOD_WARNING.format(distance=result["ood_distance"], threshold=result["ood_threshold"])
+            warnings.append(result["warning"])
     if "population_distance" in found:
         result["population_distance"] = float(found["population_distance"][0])
         result["population_threshold"] = float(model.metadata["population_threshold"])
         result["other_population"] = result["population_distance"] > result["population_threshold"]
         if result["other_population"]:
-            warnings.append(population_warning(result["population_distance"], result["population_threshold"]))
-    if warnings:
-        result["warning"] = " ".join(warnings)
+            result["population_warning"] = population_warning(result["population_distance"],
+                                                              result["population_threshold"])
+            warnings.append(result["population_warning"])
     heat = added_maps(list(cams.values()), x.shape[-1])
     picture = image.copy() if isinstance(image, Image.Image) else read_image(image)
     picture.thumbnail((1024, 1024))  # a heat map does not need every pixel of a 4000x5000 X-ray
     output.parent.mkdir(parents=True, exist_ok=True)
     picture = with_legend(overlay(picture, heat), result["label"], result["score"], float(heat.min()),
-                          float(heat.max()), result.get("warning"))
+                          float(heat.max()), " ".join(warnings) or None)
     picture.save(output)
     return result
 
@@ -258,7 +259,8 @@ def explain_images(graph: Path, paths: list[Path | Image.Image], output: Path, l
             for layer, mean in means.items()) + " = "
         what = "mean of the map" if len(means) == 1 else "sum of the maps' means"
         log(f"{what} = {terms}{result['cam_mean']:.5f} = logit - bias = {result['logit'] - result['bias']:.5f}")
-        if result.get("warning"):
-            log(result["warning"])
+        for key in ("warning", "population_warning"):
+            if result.get(key):
+                log(result[key])
         results.append(result)
     return results

@@ -95,7 +95,7 @@ def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print,
     offered = offered_layers(backbone.sidecar)
     wanted = extra_layers + tuple(layer for layer in optional_layers if layer in offered)
     every_layer = layers + tuple(dict.fromkeys(layer for layer in wanted if layer not in layers))
-    sizes = layer_sizes(backbone.sidecar, every_layer, "--bottleneck_layers")  # a layer the backbone lacks: now
+    sizes = layer_sizes(backbone.sidecar, every_layer, "bottleneck_layers")  # a layer the backbone lacks: now
     for warning in warnings + split_warnings:
         log(warning)
     log(f"Found {sum(len(v) for v in image_lists.values())} images in {len(labels)} classes: "
