@@ -87,9 +87,7 @@ def _add_evaluate_parser(commands) -> None:
         "labels) and print the metrics retrain prints, the images its distances flag, and how the accuracy compares "
         "with the internal test the graph carries (the difference with its 95% interval, Newcombe's method).",
         formatter_class=_Help)
-    p.add_argument("--graph", type=Path, required=True, help="the retrained graph (.onnx)")
-    p.add_argument("--labels", type=Path, default=None,
-                   help="the labels file written with the graph (checked against it)")
+    _add_graph_file_flags(p)
     p.add_argument("--image_dir", type=Path, required=True,
                    help="folder with one subfolder of images per class, named like the graph's labels "
                    "(a class may be missing)")
@@ -142,9 +140,7 @@ def _add_recalibrate_parser(commands) -> None:
         "labelled images in --image_dir (one subfolder per label of the graph, at least 5 images each) and write a "
         "new graph with the recalibrated logits; its metadata records the sample and the fit.",
         formatter_class=_Help)
-    p.add_argument("--graph", type=Path, required=True, help="the retrained graph (.onnx)")
-    p.add_argument("--labels", type=Path, default=None,
-                   help="the labels file written with the graph (checked against it)")
+    _add_graph_file_flags(p)
     p.add_argument("--image_dir", type=Path, required=True,
                    help="the site's labelled sample: one subfolder per label of the graph, at least 5 images each")
     p.add_argument("--output", type=Path, default=Path("recalibrated_graph.onnx"),
@@ -153,12 +149,17 @@ def _add_recalibrate_parser(commands) -> None:
     p.set_defaults(run=_recalibrate)
 
 
-def _add_graph_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of the commands that read a retrained graph (label, explain)."""
+def _add_graph_file_flags(parser: argparse.ArgumentParser) -> None:
+    """--graph and --labels: every command that reads a retrained graph (label, explain, evaluate, recalibrate)."""
     parser.add_argument("--graph", type=Path, required=True, help="the retrained graph (.onnx)")
     parser.add_argument("--labels", type=Path, default=None,
                         help="the labels file written with the graph, checked against it (default: the labels stored "
                         "in the graph)")
+
+
+def _add_graph_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the commands that run a retrained graph on images (label, explain)."""
+    _add_graph_file_flags(parser)
     parser.add_argument("--image", nargs="+", required=True, help="image files or folders of images")
     _add_device_flag(parser)
 
