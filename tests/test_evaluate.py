@@ -80,8 +80,8 @@ def test_a_folder_that_is_no_label_is_an_error_before_any_image(graph, tmp_path,
     assert len(error.splitlines()) == 1
     assert f"{folder / 'Cats'}: the folder gives the label 'cats', which is not one of the graph's labels" in error
     for flags, message in ((["--positive_label", "tb"], "--positive_label 'tb' is not one of the graph's labels"),
-                           (["--json", str(tmp_path)], "--json is a folder"),
-                           (["--report", str(graph_file)], "--report is a file")):
+                           (["--json", str(tmp_path)], "is a folder, not a file name; choose another output path for --json"),
+                           (["--report", str(graph_file)], "is a file, not a folder; choose another output path for --report")):
         shutil.rmtree(folder / "Cats")
         assert main(["evaluate", "--graph", str(graph_file), "--image_dir", str(folder), *flags]) == 2
         assert message in capsys.readouterr().err

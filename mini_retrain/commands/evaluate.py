@@ -34,19 +34,15 @@ from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.pipeline.image_lists import find_images
 from mini_retrain.pipeline.images import file_sha1
 from mini_retrain.pipeline.retrained_graph import DISTANCE_OUTPUTS, distance_outputs, load_retrained, predict_images
+from mini_retrain.settings import check_writable
 
 
 def _check_outputs(json_file: Path | None, report: Path | None) -> None:
+    """--json (a file) and --report (a folder) can be written: settings.check_writable, as retrain checks its own."""
     if json_file is not None:
-        json_file = Path(json_file)
-        if json_file.is_dir():
-            raise ValueError(f"{json_file}: --json is a folder; pass a file name, e.g. evaluation.json")
-        parent = json_file.resolve().parent
-        blocking = next((p for p in (parent, *parent.parents) if p.exists() and not p.is_dir()), None)
-        if blocking is not None:
-            raise ValueError(f"{json_file}: {blocking} is a file, not a folder; choose another --json")
-    if report is not None and Path(report).exists() and not Path(report).is_dir():
-        raise ValueError(f"{report}: --report is a file; pass a folder (it is created if missing)")
+        check_writable(json_file, "--json", is_folder=False)
+    if report is not None:
+        check_writable(report, "--report", is_folder=True)
 
 
 def _rate(record: dict | None) -> dict | None:
