@@ -33,6 +33,10 @@ class RetrainSettings:
     random_crop: float = 0.0
     random_scale: float = 0.0
     random_brightness: float = 0.0
+    random_rotation: float = 0.0  # degrees; this and the next three are for X-rays (pipeline/distortions.py)
+    random_contrast: float = 0.0
+    random_gamma: float = 0.0
+    random_noise: float = 0.0
     intermediate_store_frequency: int = 0
     intermediate_output_graphs_dir: Path = Path("intermediate_graphs")
     random_seed: int = 0

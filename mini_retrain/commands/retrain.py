@@ -132,33 +132,28 @@ def _check_outputs_writable(settings: RetrainSettings) -> None:
 
 
 def _wants_distortions(settings: RetrainSettings) -> bool:
-    from mini_retrain.pipeline.distortions import distortions_requested
+    from mini_retrain.pipeline.distortions import distortions_of, distortions_requested
 
-    return distortions_requested(settings.flip_left_right, settings.random_crop, settings.random_scale,
-                                 settings.random_brightness)
+    return distortions_requested(distortions_of(settings))
 
 
 def _distorted_bottlenecks(settings: RetrainSettings, backbone, train_files: list[str], rng: np.random.Generator):
-    """retrain.py's slow path: each training batch is read, distorted and run through the backbone at every step.
+    """retrain.py's slow path (--distort_every_step): each training batch is distorted afresh and run through the
+    backbone at every step. Images are decoded once and kept in memory, shrunk to the largest size a distortion can
+    ask for."""
+    from mini_retrain.pipeline.distortions import distort, distortions_of, read_for_distortion
 
-    Images are decoded once and kept in memory, shrunk to the largest size a distortion can ask for.
-    """
-    from mini_retrain.pipeline.distortions import distort
-    from mini_retrain.pipeline.images import read_image
-
+    distortions = distortions_of(settings)
     size = backbone.sidecar["input_size"][0]
-    largest = int(np.ceil(size * (1 + settings.random_crop / 100) * (1 + settings.random_scale / 100)))
     decoded: dict[int, np.ndarray] = {}
 
     def bottlenecks_for(indices: np.ndarray) -> np.ndarray:
         batch = []
         for i in indices.tolist():
             if i not in decoded:
-                image = read_image(settings.image_dir / train_files[i], fast=settings.fast_decode)
-                image = image.resize((largest, largest), reducing_gap=2.0 if settings.fast_decode else None)
-                decoded[i] = np.asarray(image, dtype=np.uint8)
-            batch.append(distort(decoded[i].astype(np.float32), rng, settings.flip_left_right, settings.random_crop,
-                                 settings.random_scale, settings.random_brightness, size,
+                decoded[i] = read_for_distortion(settings.image_dir / train_files[i], distortions, size,
+                                                 settings.fast_decode)
+            batch.append(distort(decoded[i].astype(np.float32), rng, distortions, size,
                                  backbone.sidecar["input_mean"], backbone.sidecar["input_std"]))
         return run_backbone(backbone, np.stack(batch))
 
