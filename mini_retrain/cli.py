@@ -107,6 +107,27 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
                         "(default: abnormal/tb/pneumonia/... when present)")
 
 
+def _add_distortion_flags(parser: argparse.ArgumentParser) -> None:
+    """retrain.py's four distortions, the four for X-rays, and how many cached copies (retrain, crossval)."""
+    parser.add_argument("--flip_left_right", action="store_true", help="randomly mirror training images horizontally")
+    parser.add_argument("--random_crop", type=float, default=0.0, help="percentage margin to randomly crop off")
+    parser.add_argument("--random_scale", type=float, default=0.0, help="percentage to randomly scale up by")
+    parser.add_argument("--random_brightness", type=float, default=0.0,
+                        help="percentage to randomly multiply pixel values up or down by")
+    parser.add_argument("--random_rotation", type=float, default=0.0,
+                        help="degrees to randomly rotate training images by, either way")
+    parser.add_argument("--random_contrast", type=float, default=0.0,
+                        help="percentage to randomly stretch or flatten grey levels about the image's mean by")
+    parser.add_argument("--random_gamma", type=float, default=0.0,
+                        help="percentage of random gamma change: x = 255 (x / 255) ** gamma, gamma up to 1 + it or "
+                        "down to 1 / (1 + it)")
+    parser.add_argument("--random_noise", type=float, default=0.0,
+                        help="standard deviation of random Gaussian noise, in percent of the grey range")
+    parser.add_argument("--distorted_copies", type=int, default=1,
+                        help="with a distortion flag: distorted copies of each training film, made once and cached "
+                        "(validation and test films are never distorted)")
+
+
 def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backbone", type=Path, default=None,
                         help="backbone ONNX with its .json sidecar (default: Inception v3, built on first use)")
@@ -141,16 +162,16 @@ def _add_retrain_parser(commands) -> None:
     p.add_argument("--print_misclassified_test_images", action="store_true",
                    help="list the test images the model gets wrong")
     p.add_argument("--final_tensor_name", default="final_result", help="name of the output probabilities in the graph")
-    p.add_argument("--flip_left_right", action="store_true", help="randomly mirror training images horizontally")
-    p.add_argument("--random_crop", type=float, default=0.0, help="percentage margin to randomly crop off")
-    p.add_argument("--random_scale", type=float, default=0.0, help="percentage to randomly scale up by")
-    p.add_argument("--random_brightness", type=float, default=0.0,
-                   help="percentage to randomly multiply pixel values up or down by")
+    _add_distortion_flags(p)
+    p.add_argument("--distort_every_step", action="store_true",
+                   help="SLOW: retrain.py's way, a fresh distortion of every training image at every step (the backbone "
+                   "runs on every batch: hours) instead of --distorted_copies cached copies")
     p.add_argument("--intermediate_store_frequency", type=int, default=0,
                    help="write the graph every N steps (0 = never)")
     p.add_argument("--intermediate_output_graphs_dir", type=Path, default=Path("intermediate_graphs"),
                    help="where the intermediate graphs go")
-    p.add_argument("--random_seed", type=int, default=0, help="seed for initial weights and batch sampling")
+    p.add_argument("--random_seed", type=int, default=0,
+                   help="seed for initial weights, batch sampling and distorted copies")
     p.add_argument("--class_balancing", choices=("on", "off"), default="on",
                    help="on = each training image is drawn by class first, then an image of it (retrain.py); "
                    "off = every training image equally likely (try both with `mini_retrain sweep`)")
@@ -232,7 +253,9 @@ def _add_crossval_parser(commands) -> None:
     p.add_argument("--how_many_training_steps", type=int, default=4000, help="training steps per fold")
     p.add_argument("--learning_rate", type=float, default=0.01, help="gradient descent learning rate")
     p.add_argument("--train_batch_size", type=int, default=100, help="images per training step")
-    p.add_argument("--random_seed", type=int, default=0, help="seed for the folds, initial weights and batches")
+    p.add_argument("--random_seed", type=int, default=0,
+                   help="seed for the folds, initial weights, batches and distorted copies")
+    _add_distortion_flags(p)
     p.add_argument("--output_json", type=Path, default=Path("crossval.json"),
                    help="where to write per-fold and pooled metrics and every out-of-fold prediction")
     _add_backbone_flags(p)

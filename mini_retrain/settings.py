@@ -37,6 +37,8 @@ class RetrainSettings:
     random_contrast: float = 0.0
     random_gamma: float = 0.0
     random_noise: float = 0.0
+    distorted_copies: int = 1  # cached distorted copies of each training film (pipeline/distorted_copies.py)
+    distort_every_step: bool = False  # retrain.py's slow way instead: a fresh distortion of every image, every step
     intermediate_store_frequency: int = 0
     intermediate_output_graphs_dir: Path = Path("intermediate_graphs")
     random_seed: int = 0

@@ -290,3 +290,12 @@ def test_settings_drawn_with_one_seed_differ_only_in_what_they_change():
     angle = (2 * rng.random(8)[5] - 1) * 10
     expected = rotate_bilinear(plain.transpose(1, 2, 0) * 128 + 128, angle)  # (299, 299, 3)
     np.testing.assert_allclose(rotated, to_backbone_input(expected), atol=1e-4)
+
+
+def test_a_grey_film_distorted_as_one_channel_gives_the_numbers_of_its_rgb_copy():
+    grey = PIXELS[:, :, :1]  # (H, W, 1)
+    every = Distortions(True, 10, 10, 10, 5, 20, 20, 3)
+    np.testing.assert_array_equal(distort(grey, np.random.default_rng(9), every),
+                                  distort(np.repeat(grey, 3, axis=2), np.random.default_rng(9), every))
+    with pytest.raises(ValueError, match="shape"):
+        rotate_bilinear(np.zeros((4, 4, 2)), 5.0)

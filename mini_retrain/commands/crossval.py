@@ -9,7 +9,9 @@ interval. Cross-validation uses each image once as a test image:
     4. report each fold's accuracy and the pooled metrics   (metrics.py)
 
 The hash split of retrain.py is ignored: every usable image takes part. Only the final layer is retrained per fold;
-the bottlenecks are computed (or read from the cache) once, so K x 4000 steps take seconds.
+the bottlenecks are computed (or read from the cache) once, so K x 4000 steps take seconds. With a distortion flag,
+every film gets its cached distorted copies (each film is a training film in K - 1 folds), and fold k trains on the
+copies of the other folds' films only: the held-out films are predicted from their undistorted bottlenecks.
 
 Why keep `_nohash_` groups whole: two views of one patient look alike, so one in training and one in the held-out
 fold would inflate the accuracy (the model recognises the patient, not the disease). Why stratify: with K folds of
@@ -26,9 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mini_retrain.paths import write_bytes_atomically
+from mini_retrain.paths import cache_dir, write_bytes_atomically
 from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
 from mini_retrain.pipeline.dataset import Dataset, load_dataset
+from mini_retrain.pipeline.distorted_copies import check_distortion_flags, distorted_copies_of
+from mini_retrain.pipeline.distortions import describe, distortions_requested
 from mini_retrain.settings import RetrainSettings
 from mini_retrain.core.softmax_layer import compute_logits, softmax
 from mini_retrain.core.split import hash_key
@@ -114,13 +118,14 @@ def check_output_json(output_json: Path) -> Path:
 
 def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, how_many_training_steps: int = 4000,
                    learning_rate: float = 0.01, train_batch_size: int = 100, positive_label: str | None = None,
-                   log: Callable[[str], None] = print) -> dict:
+                   log: Callable[[str], None] = print, copies: np.ndarray | None = None) -> dict:
     """Stratified, group-aware K-fold cross-validation of the final layer on every image of `dataset`.
 
     Returns a JSON-serialisable dict: per_fold (fold, n_train, n_test, accuracy record), pooled (metrics.evaluate
     of all out-of-fold predictions) and predictions (file, fold, true, predicted, probabilities; one per image).
     Each fold is trained as retrain.py trains (train.py: class-balanced batches, gradient descent), with no
     validation set: the held-out fold is only predicted, after training, so it cannot steer anything.
+    copies (copies, n, D): distorted copies of every row; a fold trains on those of its training rows only.
     """
     labels, files = dataset.labels, dataset.files
     y = dataset.class_indices  # (n,)
@@ -131,7 +136,8 @@ def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, how_m
     for k in range(folds):
         held_out = fold_of == k  # (n,) bool
         layer = train_layer(dataset.bottlenecks[~held_out], y[~held_out], len(labels), rng,
-                            how_many_training_steps, learning_rate, train_batch_size)
+                            how_many_training_steps, learning_rate, train_batch_size,
+                            train_copies=None if copies is None else copies[:, ~held_out])
         probabilities[held_out] = softmax(compute_logits(dataset.bottlenecks[held_out], layer.weights, layer.biases))
         correct = int(np.sum(probabilities[held_out].argmax(axis=1) == y[held_out]))
         accuracy = _rate(correct, int(held_out.sum()))
@@ -167,15 +173,26 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
     """`mini_retrain crossval`: load every image's bottleneck (cached), cross-validate, write the JSON; return it.
 
     Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, how_many_training_steps, learning_rate,
-    train_batch_size, random_seed and positive_label of `settings`; the split percentages are ignored.
+    train_batch_size, random_seed, positive_label, the distortion flags and distorted_copies of `settings`; the
+    split percentages are ignored.
     """
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
+    if settings.distort_every_step:
+        raise ValueError("--distort_every_step is for retrain only; crossval trains on cached distorted copies")
+    distortions = check_distortion_flags(settings)
     # 0% validation, 0% testing: every image is "training", i.e. every image takes part.
     dataset = load_dataset(dataclasses.replace(settings, validation_percentage=0.0, testing_percentage=0.0), log)
+    copies = None
+    if distortions_requested(distortions):
+        copies = distorted_copies_of(dataset, np.arange(len(dataset.files)), settings.distorted_copies,
+                                     settings.random_seed, settings.bottleneck_dir or cache_dir() / "bottlenecks",
+                                     distortions, settings.fast_decode, log)
     result = cross_validate(dataset, folds, np.random.default_rng(settings.random_seed),
                             settings.how_many_training_steps, settings.learning_rate, settings.train_batch_size,
-                            settings.positive_label, log)
+                            settings.positive_label, log, copies)
     result["random_seed"] = settings.random_seed
+    result["distortions"] = describe(distortions)
+    result["distorted_copies"] = settings.distorted_copies if copies is not None else 0
     _warn_about_identical_images(dataset, result["predictions"], log)
     write_bytes_atomically(output_json, (json.dumps(result, indent=2) + "\n").encode())
     log(f"Wrote {output_json}")

@@ -4,6 +4,7 @@
     2. split             stable hash of each relative path -> training/validation/testing   (split.py)
     3. bottlenecks       pool_3 of every image, cached                                (bottlenecks.py)
     4. train             softmax layer, cross-entropy, gradient descent, random batches   (train.py)
+                         with a distortion flag: cached distorted copies of the training films  (distorted_copies.py)
     5. test              "Final test accuracy = X% (N=M)", with confidence intervals  (metrics.py)
     6. write             the graph (backbone + final layer + OOD distance), labels, weights, metrics  (export.py)
 """
@@ -21,6 +22,8 @@ from mini_retrain.core.train import FinalLayer, train_final_layer
 from mini_retrain.paths import cache_dir, write_bytes_atomically
 from mini_retrain.pipeline.backbone import run_backbone
 from mini_retrain.pipeline.dataset import load_dataset
+from mini_retrain.pipeline.distorted_copies import check_distortion_flags, distorted_copies_of
+from mini_retrain.pipeline.distortions import distortions_requested
 from mini_retrain.settings import RetrainSettings
 
 
@@ -36,6 +39,7 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
     from mini_retrain.core.softmax_layer import compute_logits, softmax
 
     _check_outputs_writable(settings)
+    distortions = check_distortion_flags(settings)
 
     # 1-3. Images, their labels and splits, their bottlenecks.
     dataset = load_dataset(settings, log)
@@ -46,7 +50,15 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
 
     # 4. Train.
     rng = np.random.default_rng(settings.random_seed)
-    distorted = _distorted_bottlenecks(settings, backbone, train_files, rng) if _wants_distortions(settings) else None
+    distorted, train_copies = None, None  # 4a. distortions: cached copies of the training films, or retrain.py's way
+    if distortions_requested(distortions) and settings.distort_every_step:
+        log("Distorting every training image at every step (--distort_every_step): the backbone runs on every batch")
+        distorted = _distorted_bottlenecks(settings, backbone, train_files, rng)
+    elif distortions_requested(distortions):
+        train_copies = distorted_copies_of(dataset, np.flatnonzero(dataset.splits == "training"),
+                                           settings.distorted_copies, settings.random_seed,
+                                           settings.bottleneck_dir or cache_dir() / "bottlenecks", distortions,
+                                           settings.fast_decode, log)
     on_step = _intermediate_writer(settings, backbone, labels, log) if settings.intermediate_store_frequency > 0 else None
     started = time.perf_counter()
     layer, history = train_final_layer(
@@ -54,7 +66,7 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
         how_many_training_steps=settings.how_many_training_steps, learning_rate=settings.learning_rate,
         train_batch_size=settings.train_batch_size, validation_batch_size=settings.validation_batch_size,
         eval_step_interval=settings.eval_step_interval, log=log, distorted_bottlenecks=distorted, on_step=on_step,
-        class_balancing=settings.class_balancing,
+        class_balancing=settings.class_balancing, train_copies=train_copies,
     )
     log(f"Trained {settings.how_many_training_steps} steps in {time.perf_counter() - started:.2f} s "
         f"({len(train_y)} training images, batch {settings.train_batch_size})")
@@ -129,12 +141,6 @@ def _check_outputs_writable(settings: RetrainSettings) -> None:
             blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
             reason = f"{blocking} is a file, not a folder" if blocking else f"cannot write there ({error.strerror})"
             raise ValueError(f"{path}: {reason}; choose another output path") from None
-
-
-def _wants_distortions(settings: RetrainSettings) -> bool:
-    from mini_retrain.pipeline.distortions import distortions_of, distortions_requested
-
-    return distortions_requested(distortions_of(settings))
 
 
 def _distorted_bottlenecks(settings: RetrainSettings, backbone, train_files: list[str], rng: np.random.Generator):

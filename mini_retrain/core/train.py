@@ -10,8 +10,9 @@
             "Step N: Validation accuracy = Z% (N=M)"   on a fresh random validation batch
 
 Only the final layer learns; the bottlenecks are fixed numbers, which is why thousands of steps take well under a
-second. With distortions, `distorted_bottlenecks` replaces the cached training bottlenecks of each batch by those of
-freshly distorted images (slow: the backbone runs at every step, as in retrain.py).
+second. With distorted copies (`train_copies`, N cached distorted versions of every training film), each drawn film
+gives one of its 1 + N versions, uniformly (sampling.sample_versions). With `distorted_bottlenecks` instead, each batch
+comes from freshly distorted images (slow: the backbone runs at every step, as in retrain.py).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mini_retrain.core.sampling import group_by_class, sample_from_groups
+from mini_retrain.core.sampling import group_by_class, sample_from_groups, sample_versions
 from mini_retrain.core.softmax_layer import (
     compute_logits, cross_entropy, gradient_descent_step, init_final_layer, one_hot, unchecked_gradients)
 
@@ -53,6 +54,7 @@ def train_final_layer(
     distorted_bottlenecks: Callable[[np.ndarray], np.ndarray] | None = None,
     on_step: Callable[[int, FinalLayer], None] | None = None,
     class_balancing: bool = True,
+    train_copies: np.ndarray | None = None,
 ) -> tuple[FinalLayer, list[dict]]:
     """Train the final layer; return it and the per-evaluation history (dicts, one per logged step).
 
@@ -61,6 +63,8 @@ def train_final_layer(
     on_step(step, layer) is called after every step (for intermediate graphs).
     class_balancing: True draws each batch as retrain.py does (a class uniformly, then one of its images:
     sampling.sample_batch); False draws every image with the same probability (sampling.uniform_batch).
+    train_copies (copies, n, D): distorted copies of the training rows; each drawn row is then replaced by one of
+    its 1 + copies versions, uniformly (version 0 = the row itself).
     """
     if how_many_training_steps < 1:
         raise ValueError(f"--how_many_training_steps must be at least 1, got {how_many_training_steps}")
@@ -84,11 +88,20 @@ def train_final_layer(
     train_groups = group_by_class(train_labels)
     train_targets = one_hot(train_labels, class_count)  # (n, classes)
     validation_groups = group_by_class(validation_labels) if len(validation_labels) else None
+    versions = None
+    if train_copies is not None:
+        if train_copies.ndim != 3 or train_copies.shape[1:] != train_bottlenecks.shape:
+            raise ValueError(f"train_copies must be (copies, n, D) with (n, D) = {train_bottlenecks.shape}, got "
+                             f"{train_copies.shape}")
+        versions = np.concatenate([train_bottlenecks[None], train_copies.astype(np.float32)])  # (1 + copies, n, D)
 
     for step in range(how_many_training_steps):
         batch = sample_from_groups(train_groups, train_batch_size, rng, class_balancing)  # (batch,) indices
         if distorted_bottlenecks is not None:
             x = distorted_bottlenecks(batch)  # (batch, D): the backbone on freshly distorted images
+        elif versions is not None:
+            version = sample_versions(batch.size, len(versions), rng)  # (batch,) 0 = the film, 1.. = a copy
+            x = versions[version, batch]  # (batch, D)
         else:
             x = train_bottlenecks[batch]  # (batch, D) gathered rows
         d_weights, d_biases = unchecked_gradients(x, train_targets[batch], layer.weights, layer.biases)
@@ -119,15 +132,16 @@ def train_final_layer(
 
 def train_layer(bottlenecks: np.ndarray, labels: np.ndarray, class_count: int, rng: np.random.Generator,
                 how_many_training_steps: int = 4000, learning_rate: float = 0.01, train_batch_size: int = 100,
-                class_balancing: bool = True) -> FinalLayer:
+                class_balancing: bool = True, train_copies: np.ndarray | None = None) -> FinalLayer:
     """train_final_layer without its log lines and validation: one fold of crossval, one setting of sweep.
 
-    bottlenecks (n, D), labels (n,). Each step: a batch (class-balanced or uniform over images, see
-    sampling.py), then one gradient descent step on the batch's mean cross-entropy.
+    bottlenecks (n, D), labels (n,), train_copies (copies, n, D) or None. Each step: a batch (class-balanced or
+    uniform over images, then a version of each, see sampling.py), then one gradient descent step on the batch's
+    mean cross-entropy.
     """
     no_validation = np.zeros((0, bottlenecks.shape[1]), np.float32), np.zeros(0, np.int64)
     layer, _ = train_final_layer(bottlenecks, labels, *no_validation, class_count, rng,
                                  how_many_training_steps=how_many_training_steps, learning_rate=learning_rate,
                                  train_batch_size=train_batch_size, eval_step_interval=how_many_training_steps,
-                                 log=lambda line: None, class_balancing=class_balancing)
+                                 log=lambda line: None, class_balancing=class_balancing, train_copies=train_copies)
     return layer

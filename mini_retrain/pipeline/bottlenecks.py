@@ -145,10 +145,10 @@ def _batches(items: list[int], size: int) -> Iterator[list[int]]:
         yield items[start : start + size]
 
 
-def _progress(done: int, total: int, started: float, stream=None) -> None:
+def _progress(done: int, total: int, started: float, stream=None, what: str = "bottlenecks") -> None:
     """0/total first, then a line per finished batch (already cached when printed); on a terminal, one line redrawn."""
     stream = stream or sys.stderr  # looked up now, so a redirected sys.stderr receives it
-    line = f"Creating bottlenecks: {done}/{total}"
+    line = f"Creating {what}: {done}/{total}"
     if done:
         rate = done / max(time.perf_counter() - started, 1e-9)
         line += f" ({rate:.1f} images/s, about {(total - done) / rate:.0f} s left)"

@@ -99,8 +99,16 @@ def check_distortions(distortions: Distortions) -> Distortions:
     return distortions
 
 
+def _check_pixels(pixels: np.ndarray) -> np.ndarray:
+    """(H, W, C) float32 with C = 3 (RGB) or 1 (a grey film: a third of the work, the same numbers per channel)."""
+    pixels = np.asarray(pixels, dtype=np.float32)
+    if pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
+        raise ValueError(f"pixels must have shape (height, width, 3) or (height, width, 1), got {pixels.shape}")
+    return pixels
+
+
 def resize_bilinear(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Bilinear resize of (H, W, 3) pixels to (height, width, 3) float32, no antialiasing.
+    """Bilinear resize of (H, W, C) pixels to (height, width, C) float32, no antialiasing (C = 3, or 1 for grey).
 
     Output pixel i takes its value from the source position (half-pixel centres, i.e.
     align_corners=False, the convention of TF2 and OpenCV):
@@ -113,20 +121,18 @@ def resize_bilinear(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     resize_bilinear. TF1 also defaulted to half_pixel_centers=False (s = i * H / height), which
     shifts the picture by up to half a pixel; we use the centred mapping.
     """
-    pixels = np.asarray(pixels, dtype=np.float32)
-    if pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise ValueError(f"pixels must have shape (height, width, 3), got {pixels.shape}")
+    pixels = _check_pixels(pixels)
     if min(pixels.shape[:2]) < 1 or height < 1 or width < 1:
         raise ValueError(f"cannot resize {pixels.shape[:2]} to ({height}, {width}): sizes must be "
                          "positive")
     top, bottom, row_weight = _source_positions(pixels.shape[0], height)
     left, right, column_weight = _source_positions(pixels.shape[1], width)
     # Rows: gather the two neighbouring source rows of each output row and blend them.
-    upper, lower = pixels[top], pixels[bottom]  # (height, W, 3) each
-    rows = upper + (lower - upper) * row_weight[:, None, None]  # (height, W, 3)
+    upper, lower = pixels[top], pixels[bottom]  # (height, W, C) each
+    rows = upper + (lower - upper) * row_weight[:, None, None]  # (height, W, C)
     # Columns: the same along axis 1.
-    near, far = rows[:, left], rows[:, right]  # (height, width, 3) each
-    return near + (far - near) * column_weight[None, :, None]  # (height, width, 3)
+    near, far = rows[:, left], rows[:, right]  # (height, width, C) each
+    return near + (far - near) * column_weight[None, :, None]  # (height, width, C)
 
 
 def _source_positions(source_size: int, output_size: int):
@@ -139,7 +145,7 @@ def _source_positions(source_size: int, output_size: int):
 
 
 def rotate_bilinear(pixels: np.ndarray, degrees: float) -> np.ndarray:
-    """Rotate (H, W, 3) pixels by `degrees` counter-clockwise about the centre: (H, W, 3) float32.
+    """Rotate (H, W, C) pixels by `degrees` counter-clockwise about the centre: (H, W, C) float32.
 
     Each output pixel (row i, column j) looks up where it came from, turning back by the angle t about the centre
     (c_row, c_col) = ((H - 1) / 2, (W - 1) / 2), with y pointing up (y = c_row - i):
@@ -152,15 +158,13 @@ def rotate_bilinear(pixels: np.ndarray, degrees: float) -> np.ndarray:
     Positions outside the image are clamped to its border, so the corners uncovered by the turn repeat the edge
     pixels instead of turning black. 90 degrees is np.rot90; 0 degrees returns the pixels unchanged.
     """
-    pixels = np.asarray(pixels, dtype=np.float32)
-    if pixels.ndim != 3 or pixels.shape[2] != 3:
-        raise ValueError(f"pixels must have shape (height, width, 3), got {pixels.shape}")
-    height, width = pixels.shape[:2]
+    pixels = _check_pixels(pixels)
+    height, width, channels = pixels.shape
     angle = np.deg2rad(degrees)
-    cos, sin = np.cos(angle), np.sin(angle)
-    centre_row, centre_col = (height - 1) / 2, (width - 1) / 2
-    dy = centre_row - np.arange(height)[:, None]  # (H, 1)
-    dx = np.arange(width)[None, :] - centre_col  # (1, W)
+    cos, sin = np.float32(np.cos(angle)), np.float32(np.sin(angle))
+    centre_row, centre_col = np.float32((height - 1) / 2), np.float32((width - 1) / 2)
+    dy = centre_row - np.arange(height, dtype=np.float32)[:, None]  # (H, 1)
+    dx = np.arange(width, dtype=np.float32)[None, :] - centre_col  # (1, W)
     source_col = np.clip(centre_col + cos * dx + sin * dy, 0, width - 1)  # (H, W)
     source_row = np.clip(centre_row + sin * dx - cos * dy, 0, height - 1)  # (H, W)
     top = np.floor(source_row).astype(np.intp)  # (H, W)
@@ -168,9 +172,12 @@ def rotate_bilinear(pixels: np.ndarray, degrees: float) -> np.ndarray:
     bottom, right = np.minimum(top + 1, height - 1), np.minimum(left + 1, width - 1)
     v = (source_row - top).astype(np.float32)[:, :, None]  # (H, W, 1) weight of the lower row
     u = (source_col - left).astype(np.float32)[:, :, None]  # (H, W, 1) weight of the right column
-    upper = pixels[top, left] + (pixels[top, right] - pixels[top, left]) * u  # (H, W, 3)
-    lower = pixels[bottom, left] + (pixels[bottom, right] - pixels[bottom, left]) * u  # (H, W, 3)
-    return upper + (lower - upper) * v  # (H, W, 3)
+    flat = pixels.reshape(height * width, channels)  # pixel (r, c) is row r * W + c: one gather per corner
+    top_left, top_right = flat[top * width + left], flat[top * width + right]  # (H, W, C) each
+    bottom_left, bottom_right = flat[bottom * width + left], flat[bottom * width + right]
+    upper = top_left + (top_right - top_left) * u  # (H, W, C)
+    lower = bottom_left + (bottom_right - bottom_left) * u
+    return upper + (lower - upper) * v  # (H, W, C)
 
 
 def adjust_gamma(pixels: np.ndarray, gamma: float) -> np.ndarray:
@@ -193,15 +200,16 @@ def adjust_contrast(pixels: np.ndarray, contrast: float) -> np.ndarray:
 
 
 def add_noise(pixels: np.ndarray, sigma: float, noise: np.ndarray) -> np.ndarray:
-    """x = x + sigma * noise, clipped to 0..255. pixels (H, W, 3); noise (H, W) standard normal numbers, the same
-    for the three channels, so a grey film stays grey."""
+    """x = x + sigma * noise, clipped to 0..255. pixels (H, W, C); noise (H, W) standard normal numbers, the same
+    for every channel, so a grey film stays grey."""
     pixels = np.asarray(pixels, dtype=np.float32)
     return np.clip(pixels + np.float32(sigma) * noise.astype(np.float32)[:, :, None], 0, 255)
 
 
 def distort(pixels: np.ndarray, rng: np.random.Generator, distortions: Distortions,
             size: int = INPUT_SIZE, mean: float = 128.0, std: float = 128.0) -> np.ndarray:
-    """One random distortion of (H, W, 3) pixels in 0..255 -> (3, size, size) float32 input.
+    """One random distortion of (H, W, 3) pixels in 0..255 -> (3, size, size) float32 input. A grey film may come
+    as (H, W, 1): distorted once, then seen as all three channels (the same numbers, a third of the work).
 
     `distortions` holds the flags (--random_crop 10 means a 10% margin; see the module docstring for each step).
     With every setting off this is to_backbone_input(resize_bilinear(pixels, size, size), mean, std) (mean and
@@ -219,10 +227,10 @@ def distort(pixels: np.ndarray, rng: np.random.Generator, distortions: Distortio
     margin_scale = 1.0 + crop / 100.0
     resize_scale = 1.0 + u[0] * scale / 100.0
     precrop = int(margin_scale * resize_scale * size)  # truncates like retrain.py's tf.cast(..., tf.int32); >= size
-    resized = resize_bilinear(pixels, precrop, precrop)  # (precrop, precrop, 3)
+    resized = resize_bilinear(pixels, precrop, precrop)  # (precrop, precrop, C)
     top = int(u[1] * (precrop - size + 1))  # in 0 .. precrop - size
     left = int(u[2] * (precrop - size + 1))
-    x = resized[top:top + size, left:left + size]  # (size, size, 3)
+    x = resized[top:top + size, left:left + size]  # (size, size, C)
     if flip and u[3] < 0.5:
         x = x[:, ::-1]
     if rotation:
@@ -236,11 +244,12 @@ def distort(pixels: np.ndarray, rng: np.random.Generator, distortions: Distortio
     if noise:
         x = add_noise(x, noise / 100.0 * 255.0, rng.standard_normal((size, size)))
     x = x * np.float32(1.0 + uniform[4] * brightness / 100.0)
-    return to_backbone_input(x, mean, std)  # (3, size, size)
+    return to_backbone_input(np.broadcast_to(x, (size, size, 3)), mean, std)  # (3, size, size)
 
 
 def read_for_distortion(path, distortions: Distortions, size: int = INPUT_SIZE, fast: bool = False) -> np.ndarray:
-    """An image file -> (L, L, 3) uint8 pixels for distort(), decoded once for all the distortions of it.
+    """An image file -> (L, L, 3) uint8 pixels for distort(), (L, L, 1) for a grey film, decoded once for all the
+    distortions of it.
 
     L = ceil(size (1 + random_crop / 100) (1 + random_scale / 100)) is the largest side distort() resizes to, so
     the film is shrunk to it first with Pillow's antialiasing bilinear filter (as resize_for_backbone does for the
@@ -248,9 +257,10 @@ def read_for_distortion(path, distortions: Distortions, size: int = INPUT_SIZE, 
     and the pixels are those of the undistorted bottleneck.
     """
     largest = int(np.ceil(size * (1 + distortions.random_crop / 100) * (1 + distortions.random_scale / 100)))
-    image = read_image(path, fast=fast)
+    image = read_image(path, fast=fast, keep_gray=True)  # "L" or "RGB"
     resized = image.resize((largest, largest), Image.Resampling.BILINEAR, reducing_gap=2.0 if fast else None)
-    return np.asarray(resized, dtype=np.uint8)  # (L, L, 3)
+    pixels = np.asarray(resized, dtype=np.uint8)
+    return pixels[:, :, None] if pixels.ndim == 2 else pixels  # (L, L, 1) or (L, L, 3)
 
 
 def parse_distortions(text: str) -> tuple[str, Distortions]:
