@@ -265,8 +265,12 @@ def _add_crossval_parser(commands) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from mini_retrain.commands.sweep import parse_grid, sweep
 
+    from mini_retrain.pipeline.distortions import parse_distortions
+
     grid = parse_grid(args.learning_rates, args.training_steps, args.class_balancing)
-    sweep(_settings(args, class_balancing=True), *grid, args.output_json)  # the grid decides the balancing
+    distortions = [parse_distortions(text) for text in args.distortions]
+    sweep(_settings(args, class_balancing=True), *grid, args.output_json,  # the grid decides the balancing
+          distortions=distortions)
     return 0
 
 
@@ -281,6 +285,11 @@ def _add_sweep_parser(commands) -> None:
     p.add_argument("--training_steps", default="500,4000", help="comma-separated numbers of training steps")
     p.add_argument("--class_balancing", default="off,on",
                    help="on = a class uniformly, then an image (retrain.py); off = every image equally likely")
+    p.add_argument("--distortions", nargs="+", default=["none"], metavar="[NAME:]SETTINGS",
+                   help="distortion settings to compare, each none or comma-separated retrain flags without the "
+                   "dashes, e.g. none crop:random_crop=10,random_scale=10 turn:random_rotation=5,flip_left_right")
+    p.add_argument("--distorted_copies", type=int, default=1,
+                   help="cached distorted copies of each training film for every setting other than none")
     p.add_argument("--train_batch_size", type=int, default=100, help="images per training step")
     p.add_argument("--testing_percentage", type=float, default=10.0, help="percentage of images used as a test set")
     p.add_argument("--validation_percentage", type=float, default=10.0,

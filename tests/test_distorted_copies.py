@@ -281,3 +281,36 @@ def test_crossval_trains_each_fold_on_the_copies_of_its_training_films_only(tmp_
     assert len(folds) == 3
     for k, (_, copies) in enumerate(folds, start=1):
         np.testing.assert_array_equal(copies, every.values[:, fold_of != k])
+
+
+def test_sweep_compares_named_distortions_on_cached_copies(tmp_path, image_dir, tiny_backbone):
+    output = tmp_path / "sweep.json"
+    arguments = ["sweep", "--image_dir", str(image_dir), "--backbone", str(tiny_backbone), "--device", "cpu",
+                 "--bottleneck_dir", str(tmp_path / "bottlenecks"), "--learning_rates", "0.01",
+                 "--training_steps", "20", "--class_balancing", "on", "--validation_percentage", "25",
+                 "--testing_percentage", "25", "--distortions", "none", "crop:random_crop=10,flip_left_right",
+                 "random_rotation=5", "--distorted_copies", "2", "--output_json", str(output)]
+    code, out, _ = run(arguments)
+    assert code == 0
+    result = json.loads(output.read_text())
+    assert [row["distortions"] for row in result["settings"]] == ["none", "crop", "random_rotation=5"]
+    assert [row["distorted_copies"] for row in result["settings"]] == [0, 2, 2]
+    assert out.count(" made now, 0 from the cache") == 2
+    chosen = result["settings"][result["chosen_index"]]
+    assert result["chosen"]["distortions"] == chosen["distortions"]
+    expected_flags = {"none": "", "crop": " --flip_left_right --random_crop 10 --distorted_copies 2",
+                      "random_rotation=5": " --random_rotation 5 --distorted_copies 2"}[chosen["distortions"]]
+    assert f"mini_retrain retrain --image_dir DIR{expected_flags} --learning_rate" in out
+
+    code, out, _ = run(arguments)  # on cached copies: none made again
+    assert code == 0 and out.count(" 0 made now, ") == 2
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("random_crop", "needs a number"), ("tilt=5", "not a distortion"), ("flip_left_right=1", "without a value"),
+    ("random_gamma=-2", "random_gamma"), ("random_crop=1,random_crop=2", "given twice"),
+])
+def test_sweep_refuses_a_bad_distortion_setting_with_its_text(tmp_path, image_dir, setting, message):
+    code, out, err = run(["sweep", "--image_dir", str(image_dir), "--backbone", str(tmp_path / "none.onnx"),
+                          "--distortions", "none", setting])
+    assert code == 2 and message in err and setting in err and out == ""

@@ -1,7 +1,9 @@
 """A grid search over the final layer's settings: chosen on the validation split only, then tested once.
 
-    for learning_rate in --learning_rates, steps in --training_steps, balancing in --class_balancing:
+    for distortion in --distortions, learning_rate in --learning_rates, steps in --training_steps,
+            balancing in --class_balancing:
         train the final layer on the training split        (the same seed for every setting: only the setting differs)
+                                                           and the training films' cached distorted copies, if any
         accuracy and cross-entropy on the WHOLE validation split
     winner = highest validation accuracy (ties: lowest validation cross-entropy, then the first in the grid)
     test the winner, once
@@ -16,6 +18,12 @@ class balancing, i.e. how each training batch is drawn:
          the same in the loss however rare it is (1000 normal vs 10 tuberculosis still gives ~50% / ~50%).
     off  every training image equally likely (sampling.uniform_batch): batches mirror the class frequencies, so the layer also
          learns how common each class is: often higher accuracy on equally imbalanced data, fewer rare-class finds.
+
+distortions, named settings of the distortion flags (distortions.parse_distortions), each given as [NAME:]SETTINGS:
+    --distortions none crop:random_crop=10,random_scale=10 rotate:random_rotation=5,flip_left_right
+Each setting other than `none` trains on the films and --distorted_copies cached copies of each training film
+(distorted_copies.py): made once, so a second sweep, or retrain with the winner's flags, finds them in the cache.
+Validation and test films are never distorted.
 """
 
 from __future__ import annotations
@@ -29,10 +37,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mini_retrain.paths import write_bytes_atomically
+from mini_retrain.paths import cache_dir, write_bytes_atomically
 from mini_retrain.commands.crossval import check_output_json
 from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
 from mini_retrain.pipeline.dataset import Dataset, load_dataset
+from mini_retrain.pipeline.distorted_copies import check_copies, distorted_copies_of
+from mini_retrain.pipeline.distortions import NO_DISTORTIONS, Distortions, describe, distortions_requested
 from mini_retrain.settings import RetrainSettings
 from mini_retrain.core.softmax_layer import compute_logits, cross_entropy, softmax
 from mini_retrain.core.train import FinalLayer, train_layer
@@ -59,11 +69,14 @@ def _validation_row(layer: FinalLayer, bottlenecks: np.ndarray, labels: np.ndarr
 
 def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: list[int],
                 class_balancing: list[bool], random_seed: int = 0, train_batch_size: int = 100,
-                positive_label: str | None = None, log: Callable[[str], None] = print) -> dict:
+                positive_label: str | None = None, log: Callable[[str], None] = print,
+                distortions: list[tuple[str, np.ndarray | None]] | None = None) -> dict:
     """Train every setting of the grid on the training split, choose on validation, test the winner once.
 
-    Returns a JSON-serialisable dict: settings (one row per setting, grid order: learning_rate, training_steps,
-    class_balancing, validation_accuracy, validation_cross_entropy), chosen_index, chosen, and test
+    distortions: (name, copies) pairs, copies (N, n_training, D) the distorted copies of the training rows, or None
+    for the films alone; default [("none", None)].
+    Returns a JSON-serialisable dict: settings (one row per setting, grid order: distortions, learning_rate,
+    training_steps, class_balancing, validation_accuracy, validation_cross_entropy), chosen_index, chosen, and test
     (metrics.evaluate of the winner on the test split; None when there are no test images).
     """
     train_x, train_y, _ = dataset.split("training")
@@ -72,14 +85,16 @@ def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: l
         raise ValueError(f"{dataset.image_dir}: no validation images to choose on; raise --validation_percentage")
 
     rows, layers = [], []
-    for learning_rate, steps, balanced in itertools.product(learning_rates, training_steps, class_balancing):
+    grid = itertools.product(distortions or [("none", None)], learning_rates, training_steps, class_balancing)
+    for (name, copies), learning_rate, steps, balanced in grid:
         # A fresh generator with the same seed for every setting: the same initial weights and, for the same
         # sampler, the same batches, so the settings differ only in what the grid changes.
         rng = np.random.default_rng(random_seed)
         layer = train_layer(train_x, train_y, len(dataset.labels), rng, steps, learning_rate, train_batch_size,
-                            balanced)
+                            balanced, train_copies=copies)
         accuracy, validation_cross_entropy = _validation_row(layer, validation_x, validation_y)
-        rows.append({"learning_rate": learning_rate, "training_steps": steps,
+        rows.append({"distortions": name, "distorted_copies": 0 if copies is None else len(copies),
+                     "learning_rate": learning_rate, "training_steps": steps,
                      "class_balancing": "on" if balanced else "off", "validation_accuracy": accuracy,
                      "validation_cross_entropy": validation_cross_entropy})
         layers.append(layer)
@@ -87,8 +102,10 @@ def grid_search(dataset: Dataset, learning_rates: list[float], training_steps: l
     for line in _table(rows, best):
         log(line)
     chosen = rows[best]
-    log(f"Chosen on validation only (highest accuracy; ties: lowest cross-entropy): learning_rate "
-        f"{chosen['learning_rate']:g}, {chosen['training_steps']} steps, class balancing {chosen['class_balancing']}")
+    log(f"Chosen on validation only (highest accuracy; ties: lowest cross-entropy): "
+        + (f"distortions {chosen['distortions']}, " if len({row['distortions'] for row in rows}) > 1 else "")
+        + f"learning_rate {chosen['learning_rate']:g}, {chosen['training_steps']} steps, "
+        f"class balancing {chosen['class_balancing']}")
 
     # Only now, with the winner fixed, are the test images read: once, for one setting.
     test_x, test_y, _ = dataset.split("testing")
@@ -111,13 +128,18 @@ def _table(rows: list[dict], best: int) -> list[str]:
                   f"95% CI {100 * r['ci'][0]:.1f}-{100 * r['ci'][1]:.1f}%)"
                   for r in (row["validation_accuracy"] for row in rows)]
     width = max(len(text) for text in accuracies + ["validation accuracy"])
+    # The distortions column only when distortion settings are compared.
+    names = max(len(row["distortions"]) for row in rows + [{"distortions": "distortions"}])
+    shown = any(row["distortions"] != "none" for row in rows)
+    column = (lambda text: f"{text:<{names}}  ") if shown else (lambda text: "")
     lines = [f"Validation results of {len(rows)} settings (N={rows[0]['validation_accuracy']['n']} validation images; "
              "test images not used):",
-             f"  {'learning_rate':>13}  {'steps':>6}  {'class_balancing':>15}  {'validation accuracy':<{width}}  "
-             "cross-entropy"]
+             f"  {column('distortions')}{'learning_rate':>13}  {'steps':>6}  {'class_balancing':>15}  "
+             f"{'validation accuracy':<{width}}  cross-entropy"]
     for i, (row, accuracy) in enumerate(zip(rows, accuracies)):
-        lines.append(f"{'*' if i == best else ' '} {row['learning_rate']:>13g}  {row['training_steps']:>6d}  "
-                     f"{row['class_balancing']:>15}  {accuracy:<{width}}  {row['validation_cross_entropy']:.4f}")
+        lines.append(f"{'*' if i == best else ' '} {column(row['distortions'])}{row['learning_rate']:>13g}  "
+                     f"{row['training_steps']:>6d}  {row['class_balancing']:>15}  {accuracy:<{width}}  "
+                     f"{row['validation_cross_entropy']:.4f}")
     return lines
 
 
@@ -156,18 +178,37 @@ def parse_grid(learning_rates: str, training_steps: str, class_balancing: str) -
 
 def sweep(settings: RetrainSettings, learning_rates: list[float], training_steps: list[int],
           class_balancing: list[bool], output_json: Path = Path("sweep.json"),
-          log: Callable[[str], None] = print) -> dict:
-    """`mini_retrain sweep`: load the bottlenecks (cached) and the hash split, run the grid search, write the JSON.
+          log: Callable[[str], None] = print, distortions: list[tuple[str, Distortions]] | None = None) -> dict:
+    """`mini_retrain sweep`: load the bottlenecks (cached) and the hash split, make (or find) the distorted copies of
+    the training films for each named distortion setting, run the grid search, write the JSON.
 
     Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, validation_percentage, testing_percentage,
-    train_batch_size, random_seed and positive_label of `settings`.
+    train_batch_size, random_seed, positive_label, distorted_copies and fast_decode of `settings`; its own distortion
+    flags are not used (the settings to compare are `distortions`, default [("none", no distortion)]).
     """
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
+    distortions = distortions or [("none", NO_DISTORTIONS)]
+    if len({name for name, _ in distortions}) < len(distortions):
+        raise ValueError("--distortions: two settings have the same name; give each its own NAME: prefix")
+    if any(distortions_requested(d) for _, d in distortions):
+        check_copies(settings.distorted_copies)
     dataset = load_dataset(settings, log)
+    training_rows = np.flatnonzero(dataset.splits == "training")
+    bottleneck_dir = settings.bottleneck_dir or cache_dir() / "bottlenecks"
+    with_copies = [(name, distorted_copies_of(dataset, training_rows, settings.distorted_copies, settings.random_seed,
+                                              bottleneck_dir, d, settings.fast_decode, log)
+                    if distortions_requested(d) else None) for name, d in distortions]
     result = grid_search(dataset, learning_rates, training_steps, class_balancing, settings.random_seed,
-                         settings.train_batch_size, settings.positive_label, log)
+                         settings.train_batch_size, settings.positive_label, log, with_copies)
     chosen = result["chosen"]
-    log(f"To retrain with these settings: mini_retrain retrain --image_dir DIR --learning_rate {chosen['learning_rate']:g} "
+    chosen_distortions = dict(distortions)[chosen["distortions"]]
+    chosen["distortion_flags"] = describe(chosen_distortions)
+    flags = "".join(f" --{name}" if value is True else f" --{name} {value:g}"
+                    for name, value in chosen_distortions._asdict().items() if value)
+    if flags:
+        flags += f" --distorted_copies {settings.distorted_copies}"
+    log(f"To retrain with these settings: mini_retrain retrain --image_dir DIR{flags} "
+        f"--learning_rate {chosen['learning_rate']:g} "
         f"--how_many_training_steps {chosen['training_steps']} --class_balancing {chosen['class_balancing']} "
         f"--train_batch_size {settings.train_batch_size} --validation_percentage {settings.validation_percentage:g} "
         f"--testing_percentage {settings.testing_percentage:g} --random_seed {settings.random_seed}")
