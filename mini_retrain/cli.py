@@ -238,6 +238,30 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
                         f"%(default)s (from ${DASK_SCHEDULER_VARIABLE}; None = on this machine)")
 
 
+def _add_distortion_flags(parser: argparse.ArgumentParser) -> None:
+    """retrain.py's four distortions, the four for X-rays, and how many cached copies (retrain, crossval)."""
+    parser.add_argument("--flip_left_right", action="store_true", help="randomly mirror training images horizontally")
+    parser.add_argument("--random_crop", type=float, default=default("random_crop"),
+                        help="percentage margin to randomly crop off (0 to below 100)")
+    parser.add_argument("--random_scale", type=float, default=default("random_scale"),
+                        help="percentage to randomly scale up by (0 to below 100)")
+    parser.add_argument("--random_brightness", type=float, default=default("random_brightness"),
+                        help="percentage to randomly multiply pixel values up or down by (0 to below 100)")
+    parser.add_argument("--random_rotation", type=float, default=default("random_rotation"),
+                        help="degrees to randomly rotate training images by, either way (0 to 180)")
+    parser.add_argument("--random_contrast", type=float, default=default("random_contrast"),
+                        help="percentage to randomly stretch or flatten grey levels about the image's mean by "
+                        "(0 to below 100)")
+    parser.add_argument("--random_gamma", type=float, default=default("random_gamma"),
+                        help="percentage of random gamma change: x = 255 (x / 255) ** gamma, gamma up to 1 + it or "
+                        "down to 1 / (1 + it)")
+    parser.add_argument("--random_noise", type=float, default=default("random_noise"),
+                        help="standard deviation of random Gaussian noise, in percent of the grey range")
+    parser.add_argument("--distorted_copies", type=int, default=default("distorted_copies"),
+                        help="with a distortion flag: distorted copies of each training film, made once and cached "
+                        "(validation and test films are never distorted)")
+
+
 def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
     from mini_retrain.build.backbone_build import BACKBONE_FILENAME
 
@@ -316,13 +340,10 @@ def _add_retrain_parser(commands) -> None:
                    help="list the test images the model gets wrong")
     p.add_argument("--final_tensor_name", default=default("final_tensor_name"),
                    help="name of the output probabilities in the graph")
-    p.add_argument("--flip_left_right", action="store_true", help="randomly mirror training images horizontally")
-    p.add_argument("--random_crop", type=float, default=default("random_crop"),
-                   help="percentage margin to randomly crop off (0 to below 100)")
-    p.add_argument("--random_scale", type=float, default=default("random_scale"),
-                   help="percentage to randomly scale up by (0 to below 100)")
-    p.add_argument("--random_brightness", type=float, default=default("random_brightness"),
-                   help="percentage to randomly multiply pixel values up or down by (0 to below 100)")
+    _add_distortion_flags(p)
+    p.add_argument("--distort_every_step", action="store_true",
+                   help="SLOW: retrain.py's way, a fresh distortion of every training image at every step (the "
+                   "backbone runs on every batch: hours) instead of --distorted_copies cached copies")
     p.add_argument("--intermediate_store_frequency", type=int, default=default("intermediate_store_frequency"),
                    help="write the final layer every N steps (0 = never), as a small ONNX graph without the backbone")
     p.add_argument("--intermediate_output_graphs_dir", type=Path, default=None,
@@ -407,6 +428,7 @@ def _add_crossval_parser(commands) -> None:
     _add_layers_flag(p)
     p.add_argument("--folds", type=int, default=5, help="number of folds K (each image is held out once)")
     _add_training_flags(p)
+    _add_distortion_flags(p)
     p.add_argument("--output_json", type=Path, default=Path("crossval.json"),
                    help="where to write per-fold and pooled metrics and every out-of-fold prediction")
     _add_report_flag(p, "the pooled out-of-fold ROC, confusion matrix and reliability plots")
@@ -418,8 +440,11 @@ def _add_crossval_parser(commands) -> None:
 def _sweep(args: argparse.Namespace) -> int:
     from mini_retrain.commands.sweep import parse_grid, sweep
 
+    from mini_retrain.pipeline.distortions import parse_distortions
+
     grid = parse_grid(args.learning_rates, args.steps_grid, args.balancing_grid)
-    sweep(_settings(args), *grid, args.output_json)  # the grid decides the balancing
+    distortions = [parse_distortions(text) for text in args.distortions]
+    sweep(_settings(args), *grid, args.output_json, distortions=distortions)  # the grid decides the balancing
     return 0
 
 
@@ -440,6 +465,11 @@ def _add_sweep_parser(commands) -> None:
     p.add_argument("--class_balancing", dest="balancing_grid", metavar="ON_OFF", default="off,on",
                    help="comma-separated on/off, as retrain's --class_balancing: on = a class uniformly, then an "
                    "image (retrain.py); off = every image equally likely")
+    p.add_argument("--distortions", nargs="+", default=["none"], metavar="[NAME:]SETTINGS",
+                   help="distortion settings to compare, each none or comma-separated retrain flags without the "
+                   "dashes, e.g. none crop:random_crop=10,random_scale=10 turn:random_rotation=5,flip_left_right")
+    p.add_argument("--distorted_copies", type=int, default=default("distorted_copies"),
+                   help="cached distorted copies of each training film for every setting other than none")
     _add_batch_flag(p)
     _add_split_flags(p, "percentage of images used as a validation set (the settings are chosen on it)")
     p.add_argument("--output_json", type=Path, default=Path("sweep.json"),

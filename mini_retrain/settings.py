@@ -20,6 +20,8 @@ from mini_retrain.paths import cache_dir
 
 DEVICES = ("auto", "cpu", "cuda")  # where onnxruntime runs: auto = CUDA when available, else CPU
 ON_BAD_IMAGE = ("skip", "error")  # an unreadable image: skip it with a message, or stop
+DISTORTION_FLAGS = ("flip_left_right", "random_crop", "random_scale", "random_brightness",  # retrain.py's four
+                    "random_rotation", "random_contrast", "random_gamma", "random_noise")  # four for X-rays
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +52,12 @@ class RetrainSettings:
     random_crop: float = 0.0
     random_scale: float = 0.0
     random_brightness: float = 0.0
+    random_rotation: float = 0.0  # degrees; this and the next three are for X-rays (pipeline/distortions.py)
+    random_contrast: float = 0.0
+    random_gamma: float = 0.0
+    random_noise: float = 0.0
+    distorted_copies: int = 1  # cached distorted copies of each training film (pipeline/distorted_copies.py)
+    distort_every_step: bool = False  # retrain.py's slow way instead: a fresh distortion of every image, every step
     intermediate_store_frequency: int = 0
     intermediate_output_graphs_dir: Path | None = None  # default: <output_graph folder>/intermediate_graphs
     random_seed: int = 0
@@ -87,7 +95,11 @@ class RetrainSettings:
         check_split_percentages(self.validation_percentage, self.testing_percentage)
         for name in ("train_batch_size", "test_batch_size", "validation_batch_size"):
             check_batch_size(getattr(self, name), name)
-        check_distortions(self.random_crop, self.random_scale, self.random_brightness)
+        check_distortions({name: getattr(self, name) for name in DISTORTION_FLAGS})
+        check_positive(self.distorted_copies, "distorted_copies", integer=True)
+        if self.distort_every_step and not any(getattr(self, name) for name in DISTORTION_FLAGS):
+            raise ValueError("distort_every_step needs a distortion flag (e.g. random_crop=10); without one there "
+                             "is nothing to distort")
         for name in ("intermediate_store_frequency", "random_seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

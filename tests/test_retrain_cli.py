@@ -337,7 +337,7 @@ def test_settings_take_str_and_pathlike_and_refuse_bad_values_at_once(tmp_path):
                             ({"how_many_training_steps": 0}, "how_many_training_steps must be a whole number >= 1"),
                             ({"testing_percentage": 60, "validation_percentage": 50}, "must be < 100"),
                             ({"train_batch_size": 0}, "train_batch_size must be a positive whole number"),
-                            ({"random_brightness": 100}, "random_brightness must be below 100"),
+                            ({"random_brightness": 100}, "random_brightness must be a percentage below 100"),
                             ({"device": "tpu"}, "device 'tpu' is not one of auto, cpu, cuda"),
                             ({"on_bad_image": "ignore"}, "on_bad_image must be 'skip' or 'error'"),
                             ({"random_seed": -1}, "random_seed must be a whole number >= 0"),

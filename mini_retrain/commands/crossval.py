@@ -9,7 +9,9 @@ interval. Cross-validation uses each image once as a test image:
     4. report each fold's accuracy and the pooled metrics   (metrics.py)
 
 The hash split of retrain.py is ignored: every usable image takes part. Only the final layer is retrained per fold;
-the bottlenecks are computed (or read from the cache) once, so K x 4000 steps take seconds.
+the bottlenecks are computed (or read from the cache) once, so K x 4000 steps take seconds. With a distortion flag,
+every film gets its cached distorted copies (each film is a training film in K - 1 folds), and fold k trains on the
+copies of the other folds' films only: the held-out films are predicted from their undistorted bottlenecks.
 
 Why keep patient groups (`_nohash_` names, or files with the same --group_pattern match) whole: two views of one
 patient look alike, so one in training and one in the held-out fold would inflate the accuracy (the model recognises the patient, not the disease). Why stratify: with K folds of
@@ -30,6 +32,8 @@ from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
 from mini_retrain.evaluation.population import POPULATION_LAYER
 from mini_retrain.pipeline.dataset import Dataset, load_dataset, standardises
+from mini_retrain.pipeline.distorted_copies import distorted_copies_of
+from mini_retrain.pipeline.distortions import describe, distortions_of, distortions_requested
 from mini_retrain.settings import RetrainSettings, bottleneck_folder, check_writable
 from mini_retrain.core.softmax_layer import compute_logits, softmax
 from mini_retrain.core.split import check_group_pattern, hash_key
@@ -136,13 +140,14 @@ def check_folds(folds: int, image_lists: dict[str, list[str]] | None = None,
 def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, *, how_many_training_steps: int,
                    learning_rate: float, train_batch_size: int, class_balancing: bool,
                    positive_label: str | None = None, log: Callable[[str], None] = print,
-                   group_pattern: str | None = None) -> dict:
+                   group_pattern: str | None = None, copies: np.ndarray | None = None) -> dict:
     """Stratified, group-aware K-fold cross-validation of the final layer on every image of `dataset`.
 
     Returns a JSON-serialisable dict: per_fold (fold, n_train, n_test, accuracy record), pooled (metrics.evaluate
     of all out-of-fold predictions) and predictions (file, fold, true, predicted, probabilities; one per image).
     Each fold is trained as retrain.py trains (train.py: class-balanced batches, gradient descent), with no
     validation set: the held-out fold is only predicted, after training, so it cannot steer anything.
+    copies (copies, n, D): distorted copies of every row; a fold trains on those of its training rows only.
     """
     labels, files = dataset.labels, dataset.files
     y = dataset.class_indices  # (n,)
@@ -156,7 +161,8 @@ def cross_validate(dataset: Dataset, folds: int, rng: np.random.Generator, *, ho
         layer = train_layer(dataset.bottlenecks[~held_out], y[~held_out], len(labels), rng,
                             how_many_training_steps=how_many_training_steps, learning_rate=learning_rate,
                             train_batch_size=batch_size, class_balancing=class_balancing,
-                            standardise=standardises(dataset.layers))  # scaled by the fold's training rows only
+                            standardise=standardises(dataset.layers),  # scaled by the fold's training rows only
+                            train_copies=None if copies is None else copies[:, ~held_out])
         probabilities[held_out] = softmax(compute_logits(dataset.bottlenecks[held_out], layer.weights, layer.biases))
         correct = int(np.sum(probabilities[held_out].argmax(axis=1) == y[held_out]))
         accuracy = _rate(correct, int(held_out.sum()))
@@ -193,9 +199,12 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
     """`mini_retrain crossval`: load every image's bottleneck (cached), cross-validate, write the JSON; return it.
 
     Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, bottleneck_layers, how_many_training_steps,
-    learning_rate, train_batch_size, class_balancing, random_seed, positive_label and report of `settings`; the split
-    percentages are ignored. Every flag and output is checked before the first image is decoded.
+    learning_rate, train_batch_size, class_balancing, random_seed, positive_label, report, the distortion flags and
+    distorted_copies of `settings`; the split percentages are ignored. Every flag and output is checked before the
+    first image is decoded.
     """
+    if settings.distort_every_step:
+        raise ValueError("--distort_every_step is for retrain only; crossval trains on cached distorted copies")
     # 0% validation, 0% testing: every image is "training", i.e. every image takes part.
     settings = dataclasses.replace(settings, validation_percentage=0.0, testing_percentage=0.0)
     check_folds(folds)
@@ -207,13 +216,19 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
     dataset = load_dataset(settings, log, check_lists=lambda image_lists: check_folds(folds, image_lists,
                                                                                  settings.group_pattern),
                            optional_layers=("pool_3", POPULATION_LAYER))
+    distortions = distortions_of(settings)
+    copies = None  # every film is a training film of K - 1 folds, so every film gets its copies
+    if distortions_requested(distortions):
+        copies = distorted_copies_of(dataset, np.arange(len(dataset.files)), settings, distortions, log)
     result = cross_validate(dataset, folds, np.random.default_rng(settings.random_seed),
                             how_many_training_steps=settings.how_many_training_steps,
                             learning_rate=settings.learning_rate, train_batch_size=settings.train_batch_size,
                             class_balancing=settings.class_balancing, positive_label=settings.positive_label, log=log,
-                            group_pattern=settings.group_pattern)
+                            group_pattern=settings.group_pattern, copies=copies)
     result["random_seed"] = settings.random_seed
     result["bottleneck_layers"] = list(dataset.layers)
+    result["distortions"] = describe(distortions)
+    result["distorted_copies"] = settings.distorted_copies if copies is not None else 0
     _warn_about_identical_images(dataset, result["predictions"], log)
     write_bytes_atomically(output_json, (json.dumps(result, indent=2) + "\n").encode())
     log(f"Wrote {output_json}")

@@ -4,6 +4,7 @@
     2. split             stable hash of each relative path -> training/validation/testing   (split.py)
     3. bottlenecks       pool_3 (or --bottleneck_layers) of every image, cached       (bottlenecks.py)
     4. train             softmax layer, cross-entropy, gradient descent, random batches   (train.py)
+                         with a distortion flag: cached distorted copies of the training films  (distorted_copies.py)
     5. test              "Final test accuracy = X% (N=M)", with confidence intervals  (metrics.py)
     6. write             the graph (backbone + final layer + OOD and population distances), labels, weights,
                          metrics  (export.py)
@@ -32,6 +33,8 @@ from mini_retrain.evaluation.population import POPULATION_LAYER
 from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.pipeline.backbone import parse_layers, run_backbone
 from mini_retrain.pipeline.dataset import load_dataset, standardises
+from mini_retrain.pipeline.distorted_copies import distorted_copies_of
+from mini_retrain.pipeline.distortions import distortions_of, distortions_requested
 from mini_retrain.settings import RetrainSettings, check_settings, output_files
 
 
@@ -65,7 +68,14 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print,
 
     # 4. Train; an earlier block's features standardised by the training rows, the scaling folded in after (train.py).
     rng = np.random.default_rng(settings.random_seed)
-    distorted = _distorted_bottlenecks(settings, backbone, train_files, rng) if _wants_distortions(settings) else None
+    distortions = distortions_of(settings)
+    distorted, train_copies = None, None  # 4a. distortions: cached copies of the training films, or retrain.py's way
+    if distortions_requested(distortions) and settings.distort_every_step:
+        log("Distorting every training image at every step (--distort_every_step): the backbone runs on every batch")
+        distorted = _distorted_bottlenecks(settings, backbone, train_files, rng)
+    elif distortions_requested(distortions):
+        train_copies = distorted_copies_of(dataset, np.flatnonzero(dataset.splits == "training"), settings,
+                                           distortions, log)
     step_log = (lambda line: None) if progress is not None else log
     on_step, intermediate = (_intermediate_writer(settings, backbone, labels, step_log)
                              if settings.intermediate_store_frequency > 0 else (None, []))
@@ -77,6 +87,8 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print,
         log(f"Features standardised for training (mean and standard deviation of the {len(train_y)} training "
             "images), then folded into the final layer")
         train_x, validation_x = (train_x - mean) / scale, (validation_x - mean) / scale
+        if train_copies is not None:  # the copies scaled like the films they were made from
+            train_copies = (train_copies - mean) / scale  # (copies, n_train, D)
         if distorted is not None:  # freshly distorted bottlenecks, scaled like the cached ones
             distorted = lambda indices, raw=distorted: (raw(indices) - mean) / scale  # noqa: E731
         if on_step is not None:  # intermediate graphs compute x W + b on the raw features too
@@ -87,7 +99,7 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print,
         how_many_training_steps=settings.how_many_training_steps, learning_rate=settings.learning_rate,
         train_batch_size=batch_size, validation_batch_size=settings.validation_batch_size,
         eval_step_interval=settings.eval_step_interval, log=step_log, distorted_bottlenecks=distorted,
-        on_step=on_step, class_balancing=settings.class_balancing, on_evaluation=progress,
+        on_step=on_step, class_balancing=settings.class_balancing, on_evaluation=progress, train_copies=train_copies,
     )
     capped = (f"batch {batch_size}: --train_batch_size {settings.train_batch_size} capped at the training set"
               if batch_size < settings.train_batch_size else f"batch {batch_size}")
@@ -240,35 +252,24 @@ def _fit_population(dataset, log: Callable[[str], None]):
     return population
 
 
-def _wants_distortions(settings: RetrainSettings) -> bool:
-    from mini_retrain.pipeline.distortions import distortions_requested
-
-    return distortions_requested(settings.flip_left_right, settings.random_crop, settings.random_scale,
-                                 settings.random_brightness)
-
-
 def _distorted_bottlenecks(settings: RetrainSettings, backbone, train_files: list[str], rng: np.random.Generator):
-    """retrain.py's slow path: each training batch is read, distorted and run through the backbone at every step.
-
-    Images are decoded once and kept in memory, shrunk to the largest size a distortion can ask for.
-    """
-    from mini_retrain.pipeline.distortions import distort
-    from mini_retrain.pipeline.images import read_image
+    """retrain.py's slow path (--distort_every_step): each training batch is distorted afresh and run through the
+    backbone at every step. Images are decoded once and kept in memory, shrunk to the largest size a distortion can
+    ask for."""
+    from mini_retrain.pipeline.distortions import distort, distortions_of, read_for_distortion
 
     layers = parse_layers(settings.bottleneck_layers)
+    distortions = distortions_of(settings)
     size = backbone.sidecar["input_size"][0]
-    largest = int(np.ceil(size * (1 + settings.random_crop / 100) * (1 + settings.random_scale / 100)))
     decoded: dict[int, np.ndarray] = {}
 
     def bottlenecks_for(indices: np.ndarray) -> np.ndarray:
         batch = []
         for i in indices.tolist():
             if i not in decoded:
-                image = read_image(settings.image_dir / train_files[i], fast=settings.fast_decode)
-                image = image.resize((largest, largest), reducing_gap=2.0 if settings.fast_decode else None)
-                decoded[i] = np.asarray(image, dtype=np.uint8)
-            batch.append(distort(decoded[i].astype(np.float32), rng, settings.flip_left_right, settings.random_crop,
-                                 settings.random_scale, settings.random_brightness, size,
+                decoded[i] = read_for_distortion(settings.image_dir / train_files[i], distortions, size,
+                                                 settings.fast_decode)
+            batch.append(distort(decoded[i].astype(np.float32), rng, distortions, size,
                                  backbone.sidecar["input_mean"], backbone.sidecar["input_std"]))
         return run_backbone(backbone, np.stack(batch), layers=layers)  # (batch, D)
 

@@ -1,8 +1,10 @@
 """A grid search over the final layer's settings: chosen on the validation split only, then tested once.
 
-    for layers in --bottleneck_layers, learning_rate in --learning_rates, steps in --how_many_training_steps,
+    for layers in --bottleneck_layers, distortion in --distortions, learning_rate in --learning_rates,
+            steps in --how_many_training_steps,
             balancing in --class_balancing:
         train the final layer on the training split        (the same seed for every setting: only the setting differs)
+                                                           and the training films' cached distorted copies, if any
         accuracy and cross-entropy on the WHOLE validation split
     winner = highest validation accuracy (ties: lowest validation cross-entropy, then the first in the grid)
     test the winner, once
@@ -21,6 +23,12 @@ class balancing, i.e. how each training batch is drawn:
          the same in the loss however rare it is (1000 normal vs 10 tuberculosis still gives ~50% / ~50%).
     off  every training image equally likely (sampling.uniform_batch): batches mirror the class frequencies, so the layer also
          learns how common each class is: often higher accuracy on equally imbalanced data, fewer rare-class finds.
+
+distortions, named settings of the distortion flags (distortions.parse_distortions), each given as [NAME:]SETTINGS:
+    --distortions none crop:random_crop=10,random_scale=10 rotate:random_rotation=5,flip_left_right
+Each setting other than `none` trains on the films and --distorted_copies cached copies of each training film
+(distorted_copies.py): made once, so a second sweep, or retrain with the winner's flags, finds them in the cache.
+Validation and test films are never distorted.
 """
 
 from __future__ import annotations
@@ -39,8 +47,10 @@ from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.commands.crossval import check_output_json
 from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
 from mini_retrain.evaluation.population import POPULATION_LAYER
-from mini_retrain.pipeline.backbone import parse_layers
+from mini_retrain.pipeline.backbone import layer_sizes, parse_layers
 from mini_retrain.pipeline.dataset import Dataset, load_dataset, standardises
+from mini_retrain.pipeline.distorted_copies import distorted_copies_of
+from mini_retrain.pipeline.distortions import NO_DISTORTIONS, Distortions, describe, distortions_requested
 from mini_retrain.settings import RetrainSettings, bottleneck_folder, check_writable
 from mini_retrain.core.softmax_layer import compute_logits, cross_entropy, softmax
 from mini_retrain.core.train import FinalLayer, train_layer
@@ -68,12 +78,16 @@ def _validation_row(layer: FinalLayer, bottlenecks: np.ndarray, labels: np.ndarr
 def grid_search(dataset: Dataset, learning_rates: list[float], how_many_training_steps: list[int],
                 class_balancing: list[bool], *, random_seed: int, train_batch_size: int,
                 positive_label: str | None = None, log: Callable[[str], None] = print,
-                layer_choices: list[tuple[str, ...]] | None = None) -> dict:
+                layer_choices: list[tuple[str, ...]] | None = None,
+                distortions: list[tuple[str, dict[str, np.ndarray] | None]] | None = None) -> dict:
     """Train every setting of the grid on the training split, choose on validation, test the winner once.
 
     layer_choices: alternatives for the bottleneck layers, each loaded in `dataset` (default: its own layers).
-    Returns a JSON-serialisable dict: settings (one row per setting, grid order: bottleneck_layers, learning_rate,
-    how_many_training_steps, class_balancing, validation_accuracy, validation_cross_entropy), chosen_index, chosen, and test
+    distortions: (name, copies) pairs, copies {layer: (N, n_training, size)} the distorted copies of the training
+    rows for every layer of the choices, or None for the films alone; default [("none", None)].
+    Returns a JSON-serialisable dict: settings (one row per setting, grid order: bottleneck_layers, distortions,
+    learning_rate, how_many_training_steps, class_balancing, validation_accuracy, validation_cross_entropy),
+    chosen_index, chosen, and test
     (metrics.evaluate of the winner on the test split; None when there are no test images).
     """
     layer_choices = [tuple(choice) for choice in layer_choices or [dataset.layers]]
@@ -86,25 +100,30 @@ def grid_search(dataset: Dataset, learning_rates: list[float], how_many_training
         train_x, train_y, _ = dataset.split("training", choice)
         validation_x = dataset.split("validation", choice)[0]
         batch_size = min(train_batch_size, int(train_y.size))  # capped at the training set, as in retrain
-        for learning_rate, steps, balanced in itertools.product(learning_rates, how_many_training_steps,
-                                                                class_balancing):
+        for (name, copies), learning_rate, steps, balanced in itertools.product(
+                distortions or [("none", None)], learning_rates, how_many_training_steps, class_balancing):
             # A fresh generator with the same seed for every setting: the same initial weights and, for the same
             # sampler, the same batches, so the settings differ only in what the grid changes.
             rng = np.random.default_rng(random_seed)
+            train_copies = None if copies is None else np.concatenate([copies[layer] for layer in choice], axis=2)
             layer = train_layer(train_x, train_y, len(dataset.labels), rng, how_many_training_steps=steps,
                                 learning_rate=learning_rate, train_batch_size=batch_size, class_balancing=balanced,
-                                standardise=standardises(choice))
+                                standardise=standardises(choice), train_copies=train_copies)
             accuracy, validation_cross_entropy = _validation_row(layer, validation_x, validation_y)
-            rows.append({"bottleneck_layers": ",".join(choice), "learning_rate": learning_rate,
-                         "how_many_training_steps": steps, "class_balancing": "on" if balanced else "off",
+            rows.append({"bottleneck_layers": ",".join(choice), "distortions": name,
+                         "distorted_copies": 0 if train_copies is None else len(train_copies),
+                         "learning_rate": learning_rate, "how_many_training_steps": steps,
+                         "class_balancing": "on" if balanced else "off",
                          "validation_accuracy": accuracy, "validation_cross_entropy": validation_cross_entropy})
             layers.append(layer)
     best = choose_setting(rows)
     for line in _table(rows, best):
         log(line)
     chosen = rows[best]
-    log(f"Chosen on validation only (highest accuracy; ties: lowest cross-entropy): learning_rate "
-        f"{chosen['learning_rate']:g}, {chosen['how_many_training_steps']} steps, class balancing {chosen['class_balancing']}"
+    log(f"Chosen on validation only (highest accuracy; ties: lowest cross-entropy): "
+        + (f"distortions {chosen['distortions']}, " if len({row['distortions'] for row in rows}) > 1 else "")
+        + f"learning_rate {chosen['learning_rate']:g}, {chosen['how_many_training_steps']} steps, "
+        f"class balancing {chosen['class_balancing']}"
         + (f", bottleneck layers {chosen['bottleneck_layers']}" if len(layer_choices) > 1 else ""))
 
     # Only now, with the winner fixed, are the test images read: once, for one setting.
@@ -128,16 +147,24 @@ def _table(rows: list[dict], best: int) -> list[str]:
                   f"95% CI {100 * r['ci'][0]:.1f}-{100 * r['ci'][1]:.1f}%)"
                   for r in (row["validation_accuracy"] for row in rows)]
     width = max(len(text) for text in accuracies + ["validation accuracy"])
-    choices = [row["bottleneck_layers"] for row in rows]
-    named = max(len(text) for text in choices + ["bottleneck_layers"]) if len(set(choices)) > 1 else 0
+    # The bottleneck_layers and distortions columns only when there are alternatives to tell apart.
+    def column_of(key: str):
+        values = [row[key] for row in rows]
+        if len(set(values)) < 2 and (key != "distortions" or values[0] == "none"):
+            return lambda text: ""
+        width = max(len(text) for text in values + [key])
+        return lambda text: f"{text:<{width}}  "
+
+    layer_column, distortion_column = column_of("bottleneck_layers"), column_of("distortions")
     lines = [f"Validation results of {len(rows)} settings (N={rows[0]['validation_accuracy']['n']} validation images; "
              "test images not used):",
-             f"  {'bottleneck_layers'[:named]:<{named}}{'  ' if named else ''}{'learning_rate':>13}  {'steps':>6}  "
-             f"{'class_balancing':>15}  {'validation accuracy':<{width}}  cross-entropy"]
+             f"  {layer_column('bottleneck_layers')}{distortion_column('distortions')}{'learning_rate':>13}  "
+             f"{'steps':>6}  {'class_balancing':>15}  {'validation accuracy':<{width}}  cross-entropy"]
     for i, (row, accuracy) in enumerate(zip(rows, accuracies)):
-        layers = f"{row['bottleneck_layers']:<{named}}  " if named else ""
-        lines.append(f"{'*' if i == best else ' '} {layers}{row['learning_rate']:>13g}  {row['how_many_training_steps']:>6d}  "
-                     f"{row['class_balancing']:>15}  {accuracy:<{width}}  {row['validation_cross_entropy']:.4f}")
+        lines.append(f"{'*' if i == best else ' '} {layer_column(row['bottleneck_layers'])}"
+                     f"{distortion_column(row['distortions'])}{row['learning_rate']:>13g}  "
+                     f"{row['how_many_training_steps']:>6d}  {row['class_balancing']:>15}  {accuracy:<{width}}  "
+                     f"{row['validation_cross_entropy']:.4f}")
     return lines
 
 
@@ -185,34 +212,59 @@ def parse_layer_choices(text: str) -> list[tuple[str, ...]]:
 
 def sweep(settings: RetrainSettings, learning_rates: list[float], how_many_training_steps: list[int],
           class_balancing: list[bool], output_json: Path = Path("sweep.json"),
-          log: Callable[[str], None] = print) -> dict:
-    """`mini_retrain sweep`: load the bottlenecks (cached) and the hash split, run the grid search, write the JSON.
+          log: Callable[[str], None] = print, distortions: list[tuple[str, Distortions]] | None = None) -> dict:
+    """`mini_retrain sweep`: load the bottlenecks (cached) and the hash split, make (or find) the distorted copies of
+    the training films for each named distortion setting, run the grid search, write the JSON.
 
     Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, validation_percentage, testing_percentage,
-    train_batch_size, random_seed and positive_label of `settings`, and its bottleneck_layers as alternatives
-    separated by ';' (parse_layer_choices). Every flag and output is checked before the first image is decoded.
+    train_batch_size, random_seed, positive_label, distorted_copies and fast_decode of `settings`, and its
+    bottleneck_layers as alternatives separated by ';' (parse_layer_choices); its own distortion flags are not used
+    (the settings to compare are `distortions`, default [("none", no distortion)]). Every flag and output is checked
+    before the first image is decoded.
     """
     choices = parse_layer_choices(settings.bottleneck_layers)
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
     check_writable(bottleneck_folder(settings), "--bottleneck_dir", is_folder=True)
+    distortions = distortions or [("none", NO_DISTORTIONS)]
+    if len({name for name, _ in distortions}) < len(distortions):
+        raise ValueError("--distortions: two settings have the same name; give each its own NAME: prefix")
     every_layer = tuple(dict.fromkeys(layer for choice in choices for layer in choice))
     dataset = load_dataset(dataclasses.replace(settings, bottleneck_layers=",".join(choices[0])), log,
                            extra_layers=every_layer,  # and, for a later retrain, what it needs besides
                            optional_layers=("pool_3", POPULATION_LAYER))
+    training_rows = np.flatnonzero(dataset.splits == "training")
+    with_copies = [(name, _copies_by_layer(dataset, training_rows, settings, d, every_layer, log)
+                    if distortions_requested(d) else None) for name, d in distortions]
     result = grid_search(dataset, learning_rates, how_many_training_steps, class_balancing,
                          random_seed=settings.random_seed, train_batch_size=settings.train_batch_size,
-                         positive_label=settings.positive_label, log=log, layer_choices=choices)
-    log("To retrain with these settings: " + retrain_command(settings, result["chosen"]))
+                         positive_label=settings.positive_label, log=log, layer_choices=choices,
+                         distortions=with_copies)
+    chosen = result["chosen"]
+    chosen["distortion_flags"] = describe(dict(distortions)[chosen["distortions"]])
+    log("To retrain with these settings: " + retrain_command(settings, chosen, dict(distortions)[chosen["distortions"]]))
     write_bytes_atomically(output_json, (json.dumps(result, indent=2) + "\n").encode())
     log(f"Wrote {output_json}")
     return result
 
 
-def retrain_command(settings: RetrainSettings, chosen: dict) -> str:
-    """The retrain command with the winner's settings, on the folder the sweep ran on."""
+def _copies_by_layer(dataset: Dataset, rows: np.ndarray, settings: RetrainSettings, distortions: Distortions,
+                     layers: tuple[str, ...], log: Callable[[str], None]) -> dict[str, np.ndarray]:
+    """The distorted copies of the training rows for every layer of the choices, from one backbone pass per copy:
+    {layer: (copies, n_training, size)}."""
+    copies = distorted_copies_of(dataset, rows, settings, distortions, log, layers=layers)  # (copies, n, D_all)
+    starts = np.cumsum([0] + layer_sizes(dataset.backbone.sidecar, layers))
+    return {layer: copies[:, :, start:end] for layer, start, end in zip(layers, starts[:-1], starts[1:])}
+
+
+def retrain_command(settings: RetrainSettings, chosen: dict, distortions: Distortions = NO_DISTORTIONS) -> str:
+    """The retrain command with the winner's settings (its distortion flags too), on the folder the sweep ran on."""
     layers = chosen.get("bottleneck_layers", "pool_3")
+    flags = "".join(f"--{name} " if value is True else f"--{name} {value:g} "
+                    for name, value in distortions._asdict().items() if value)
+    if flags:
+        flags += f"--distorted_copies {settings.distorted_copies} "
     return (f"mini_retrain retrain --image_dir {shlex.quote(str(settings.image_dir))} "
-            + (f"--bottleneck_layers {layers} " if layers != "pool_3" else "")
+            + (f"--bottleneck_layers {layers} " if layers != "pool_3" else "") + flags
             + f"--learning_rate {chosen['learning_rate']:g} "
             f"--how_many_training_steps {chosen['how_many_training_steps']} "
             f"--class_balancing {chosen['class_balancing']} --train_batch_size {settings.train_batch_size} "

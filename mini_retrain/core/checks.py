@@ -12,6 +12,7 @@ them many times: the training loop checks its data before the first of its 4000 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -47,6 +48,16 @@ def check_bottlenecks(bottlenecks, *, name: str = "bottlenecks", size: int | Non
     if finite and not np.all(np.isfinite(bottlenecks)):
         raise ValueError(f"{name} contains NaN or infinity; recompute the bottlenecks")
     return bottlenecks
+
+
+def check_train_copies(copies, rows_shape: tuple[int, int], *, name: str = "train_copies") -> np.ndarray:
+    """(copies, n, D) float32 distorted copies of the (n, D) rows they belong to."""
+    copies = np.asarray(copies, dtype=np.float32)
+    if copies.ndim != 3 or copies.shape[1:] != tuple(rows_shape):
+        raise ValueError(f"{name} must be (copies, n, D) with (n, D) = {tuple(rows_shape)}, got {copies.shape}")
+    if not np.all(np.isfinite(copies)):
+        raise ValueError(f"{name} must be finite numbers, got NaN or infinity")
+    return copies
 
 
 def check_layer(weights, biases, bottleneck_size: int) -> None:
@@ -96,15 +107,23 @@ def check_split_percentages(validation_percentage: float, testing_percentage: fl
         )
 
 
-def check_distortions(random_crop: float, random_scale: float, random_brightness: float) -> None:
-    """retrain.py's distortion percentages: each finite, >= 0 and below 100."""
-    for name, value in (("random_crop", random_crop), ("random_scale", random_scale),
-                        ("random_brightness", random_brightness)):
-        if not math.isfinite(value) or value < 0:
-            raise ValueError(f"{name} is a percentage and must be >= 0, got {value}")
-    if random_brightness >= 100:
-        raise ValueError(f"random_brightness must be below 100 (100% could make the image black), "
-                         f"got {random_brightness}")
-    for name, value in (("random_crop", random_crop), ("random_scale", random_scale)):
-        if value >= 100:  # a margin of 100% already crops half the width away (retrain.py's examples use 5 to 30)
-            raise ValueError(f"{name} must be a percentage below 100, got {value}")
+def check_distortions(distortions: Mapping[str, bool | float]) -> None:
+    """The distortion flags by name (pipeline/distortions.py's Distortions as a dict): flip_left_right True or
+    False; the others finite and >= 0; crop, scale, brightness and contrast percentages below 100; rotation in
+    degrees, at most 180."""
+    for name, value in distortions.items():
+        if name == "flip_left_right":
+            if not isinstance(value, bool | np.bool_):
+                raise ValueError(f"flip_left_right must be True or False, got {value!r}")
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
+                or not math.isfinite(value) or value < 0:
+            unit = "degrees" if name == "random_rotation" else "a percentage"
+            raise ValueError(f"{name} is {unit} and must be >= 0, got {value!r}")
+    for name in ("random_crop", "random_scale", "random_brightness", "random_contrast"):
+        # brightness or contrast of 100% could make a film flat black; a crop margin of 100% already cuts half
+        # the width away (retrain.py's examples use 5 to 30)
+        if distortions.get(name, 0) >= 100:
+            raise ValueError(f"{name} must be a percentage below 100, got {distortions[name]}")
+    if distortions.get("random_rotation", 0) > 180:
+        raise ValueError(f"random_rotation must be at most 180 degrees, got {distortions['random_rotation']}")

@@ -24,6 +24,12 @@ sample_from_groups check nothing (their caller checks once, see checks.py); samp
 
 "Class balancing off" (uniform_batch, offered by `--class_balancing off`): every image equally likely,
 P(i) = 1 / n, so batches have the class frequencies of the data.
+
+With distorted copies (pipeline/distorted_copies.py) each drawn image then gives one of its 1 + N versions, uniformly
+(sample_versions): version 0 is the film itself, 1 .. N its copies. The class and the film are drawn as above, so
+class balancing and the weight of each film are what they were without copies:
+
+    P(film i, version v) = P(film i) / (1 + N)        for v = 0 .. N
 """
 
 from typing import NamedTuple
@@ -68,6 +74,13 @@ def sample_from_groups(groups: ClassGroups, batch_size: int, rng: np.random.Gene
     drawn_class = (u[0] * start.size).astype(np.intp)           # (batch,) position in the present classes
     offset_in_class = (u[1] * count[drawn_class]).astype(np.intp)  # (batch,) which image of that class
     return order[start[drawn_class] + offset_in_class]          # (batch,) indices into labels
+
+
+def sample_versions(batch_size: int, version_count: int, rng: np.random.Generator) -> np.ndarray:
+    """(batch_size,) version of each drawn image, uniformly in 0 .. version_count - 1 (0 = the original film)."""
+    if isinstance(version_count, bool) or int(version_count) != version_count or version_count < 1:
+        raise ValueError(f"version_count must be a whole number >= 1, got {version_count!r}")
+    return rng.integers(0, int(version_count), size=int(batch_size))  # (batch,)
 
 
 def sample_batch(labels: np.ndarray, batch_size: int, rng: np.random.Generator) -> np.ndarray:

@@ -13,8 +13,11 @@ Only the final layer learns; the bottlenecks are fixed numbers, which is why tho
 second. Features of an earlier block (--bottleneck_layers mixed_6, ...) are far smaller than pool_3's (a typical
 standard deviation of 0.02-0.06 against 0.2), so at retrain.py's learning rate the layer barely moves from its
 start; they are trained standardised, (x - mean) / scale with the training rows' mean and standard deviation, and
-the scaling is then folded into the layer (`standardisation`, `folded`), so the graph still computes x W + b. With distortions, `distorted_bottlenecks` replaces the cached training bottlenecks of each batch by those of
-freshly distorted images (slow: the backbone runs at every step, as in retrain.py).
+the scaling is then folded into the layer (`standardisation`, `folded`), so the graph still computes x W + b.
+
+With distorted copies (`train_copies`, N cached distorted versions of every training film), each drawn film
+gives one of its 1 + N versions, uniformly (sampling.sample_versions). With `distorted_bottlenecks` instead, each batch
+comes from freshly distorted images (slow: the backbone runs at every step, as in retrain.py).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mini_retrain.core.checks import check_batch_size, check_bottlenecks, check_labels, check_positive
-from mini_retrain.core.sampling import group_by_class, sample_from_groups
+from mini_retrain.core.checks import (
+    check_batch_size, check_bottlenecks, check_train_copies, check_labels, check_positive)
+from mini_retrain.core.sampling import group_by_class, sample_from_groups, sample_versions
 from mini_retrain.core.softmax_layer import (
     compute_logits, cross_entropy, gradient_descent_step, gradients, init_final_layer, one_hot)
 
@@ -77,6 +81,7 @@ def train_final_layer(
     distorted_bottlenecks: Callable[[np.ndarray], np.ndarray] | None = None,
     on_step: Callable[[int, FinalLayer], None] | None = None,
     on_evaluation: Callable[[dict], None] | None = None,
+    train_copies: np.ndarray | None = None,
 ) -> tuple[FinalLayer, list[dict]]:
     """Train the final layer; return it and the per-evaluation history (dicts, one per logged step).
 
@@ -88,8 +93,8 @@ def train_final_layer(
     row as it is made (for a progress display).
     class_balancing: True draws each batch as retrain.py does (a class uniformly, then one of its images:
     sampling.sample_batch); False draws every image with the same probability (sampling.uniform_batch).
-    distorted_bottlenecks(indices) -> (batch, D), when given, supplies the training batch instead of the cache.
-    on_step(step, layer) is called after every step (for intermediate graphs).
+    train_copies (copies, n, D): distorted copies of the training rows; each drawn row is then replaced by one of
+    its 1 + copies versions, uniformly (version 0 = the row itself).
     """
     # The checks, once, before the first step (the functions called 4000 times below check nothing).
     check_positive(how_many_training_steps, "how_many_training_steps", integer=True)
@@ -113,11 +118,18 @@ def train_final_layer(
     train_groups = group_by_class(train_labels)
     train_targets = one_hot(train_labels, class_count)  # (n, classes)
     validation_groups = group_by_class(validation_labels) if len(validation_labels) else None
+    versions = None
+    if train_copies is not None:
+        train_copies = check_train_copies(train_copies, train_bottlenecks.shape)
+        versions = np.concatenate([train_bottlenecks[None], train_copies])  # (1 + copies, n, D)
 
     for step in range(how_many_training_steps):
         batch = sample_from_groups(train_groups, train_batch_size, rng, class_balancing)  # (batch,) indices
         if distorted_bottlenecks is not None:
             x = distorted_bottlenecks(batch)  # (batch, D): the backbone on freshly distorted images
+        elif versions is not None:
+            version = sample_versions(batch.size, len(versions), rng)  # (batch,) 0 = the film, 1.. = a copy
+            x = versions[version, batch]  # (batch, D)
         else:
             x = train_bottlenecks[batch]  # (batch, D) gathered rows
         d_weights, d_biases = gradients(x, train_targets[batch], layer.weights, layer.biases)
@@ -150,20 +162,24 @@ def train_final_layer(
 
 def train_layer(bottlenecks: np.ndarray, labels: np.ndarray, class_count: int, rng: np.random.Generator, *,
                 how_many_training_steps: int, learning_rate: float, train_batch_size: int,
-                class_balancing: bool, standardise: bool = False) -> FinalLayer:
+                class_balancing: bool, standardise: bool = False,
+                train_copies: np.ndarray | None = None) -> FinalLayer:
     """train_final_layer without its log lines and validation: one fold of crossval, one setting of sweep.
 
-    bottlenecks (n, D), labels (n,). Each step: a batch (class-balanced or uniform over images, see
-    sampling.py), then one gradient descent step on the batch's mean cross-entropy. standardise: train on the
-    standardised rows and return the layer folded back onto the raw ones (`standardisation`, `folded`).
+    bottlenecks (n, D), labels (n,), train_copies (copies, n, D) or None. Each step: a batch (class-balanced or
+    uniform over images, then a version of each, see sampling.py), then one gradient descent step on the batch's
+    mean cross-entropy. standardise: train on the standardised rows (and copies, with the rows' own mean and
+    scale) and return the layer folded back onto the raw ones (`standardisation`, `folded`).
     """
     if standardise:
         mean, scale = standardisation(bottlenecks)
         bottlenecks = (bottlenecks - mean) / scale  # (n, D)
+        if train_copies is not None:
+            train_copies = (train_copies - mean) / scale  # (copies, n, D): the films' own mean and scale
     no_validation = np.zeros((0, np.shape(bottlenecks)[1]), np.float32), np.zeros(0, np.int64)
     layer, _ = train_final_layer(bottlenecks, labels, *no_validation, class_count, rng,
                                  how_many_training_steps=how_many_training_steps, learning_rate=learning_rate,
                                  train_batch_size=train_batch_size, validation_batch_size=-1,
                                  eval_step_interval=how_many_training_steps, class_balancing=class_balancing,
-                                 log=lambda line: None)
+                                 log=lambda line: None, train_copies=train_copies)
     return folded(layer, mean, scale) if standardise else layer
