@@ -9,21 +9,36 @@ it. We do the same with ONNX. To the backbone graph we add:
 
 The outputs `pool_3` and `mixed_10` stay, for the OOD check and for class activation maps. The class labels, the
 OOD threshold and provenance go in the model's metadata, so `label` can check that a labels file belongs to the graph.
+
+How the file is written without holding the backbone in memory: an ONNX file is one protobuf message, and protobuf
+reads two messages written one after the other as ONE message, merged: the repeated fields of the second (nodes,
+weights, outputs, metadata) are appended to those of the first. So the retrained graph is the backbone file's bytes,
+copied as they are, followed by a small ModelProto holding only what we add. The 87 MB of Inception v3 weights (or
+the int8 backbone's QuantizeLinear/DequantizeLinear graph) go from file to file and are never parsed into Python.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from mini_retrain import __version__
 from mini_retrain.pipeline.backbone import Backbone
-from mini_retrain.paths import write_bytes_atomically
+from mini_retrain.paths import write_bytes_atomically, write_file_atomically
 
 MARKER = "mini_retrain"  # metadata key that says "this graph was written by mini_retrain"
+ADDED_NAMES = ("final_weights", "final_biases", "final_matmul", "final_logits")  # and every "ood_*" name
+
+
+class RetrainedGraph(NamedTuple):
+    """The retrained graph before it is written: the backbone file, and what is appended to it."""
+
+    backbone_path: Path
+    additions: Any  # onnx.ModelProto with only the added nodes, weights, outputs and metadata (no opset, no inputs)
 
 
 def build_retrained_model(
@@ -34,25 +49,25 @@ def build_retrained_model(
     final_tensor_name: str = "final_result",
     ood: Any | None = None,
     fast_decode: bool = False,
-):
-    """The backbone graph with the final layer appended, as an onnx.ModelProto.
+) -> RetrainedGraph:
+    """The final layer (and the OOD distance) to append to the backbone graph; write it with write_retrained_graph.
 
     fast_decode says how the training images were decoded (retrain --fast_decode); it goes into the metadata so that
     `label` and `explain` prepare new images the same way."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import ModelProto, TensorProto, helper, numpy_helper
 
     weights = np.asarray(weights, np.float32)  # (D, C)
     biases = np.asarray(biases, np.float32)  # (C,)
     if weights.shape != (backbone.sidecar["bottleneck_size"], len(labels)) or biases.shape != (len(labels),):
         raise ValueError(f"final layer {weights.shape}/{biases.shape} does not fit {len(labels)} labels")
-    model = onnx.load(str(backbone.path))
-    graph = model.graph
     bottleneck = backbone.sidecar["bottleneck_output"]
-    taken = {n.name for n in graph.initializer} | {o for n in graph.node for o in n.output}
-    if final_tensor_name in taken:
-        raise ValueError(f"--final_tensor_name {final_tensor_name!r} is already a name inside the backbone; pick another")
+    outputs = {bottleneck, backbone.sidecar.get("spatial_output")} | \
+        {entry["output"] for entry in backbone.sidecar.get("layers", {}).values()}
+    if final_tensor_name in outputs | set(ADDED_NAMES) or final_tensor_name.startswith("ood_"):
+        raise ValueError(f"--final_tensor_name {final_tensor_name!r} is already a name inside the graph; pick another")
 
+    model = ModelProto()  # only what is appended: write_retrained_graph puts it after the backbone's bytes
+    graph = model.graph
     graph.initializer.extend([numpy_helper.from_array(weights, "final_weights"), numpy_helper.from_array(biases, "final_biases")])
     graph.node.extend([
         helper.make_node("MatMul", [bottleneck, "final_weights"], ["final_matmul"], name="final_matmul"),
@@ -75,6 +90,7 @@ def build_retrained_model(
         "bottleneck_output": bottleneck,
         "spatial_output": backbone.sidecar.get("spatial_output", ""),
         "backbone_sha256": backbone.sidecar.get("onnx_sha256", ""),
+        "precision": backbone.sidecar.get("precision", "fp32"),
         "fast_decode": "1" if fast_decode else "0",
     }
     if ood is not None:
@@ -83,8 +99,7 @@ def build_retrained_model(
     for key, value in metadata.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
-    onnx.checker.check_model(model)
-    return model
+    return RetrainedGraph(Path(backbone.path), model)
 
 
 def _append_ood_distance(graph, bottleneck: str, ood: Any) -> None:
@@ -115,12 +130,31 @@ def _append_ood_distance(graph, bottleneck: str, ood: Any) -> None:
     graph.output.append(helper.make_tensor_value_info("ood_distance", TensorProto.FLOAT, ["batch"]))
 
 
-def write_retrained_graph(path: str | Path, model) -> Path:
-    """Serialise and write atomically (a crash never leaves half a graph)."""
+def write_retrained_graph(path: str | Path, graph: RetrainedGraph) -> Path:
+    """The backbone file's bytes, then the additions: one ONNX file, checked (onnx.checker reads it from disk),
+    written atomically (a crash never leaves half a graph)."""
+    import onnx
+
     path = Path(path)
     if path.suffix != ".onnx":
         raise ValueError(f"{path}: --output_graph must end in .onnx")
-    write_bytes_atomically(path, model.SerializeToString())
+
+    def fill(file) -> None:
+        with open(graph.backbone_path, "rb") as backbone:
+            shutil.copyfileobj(backbone, file, 1 << 20)  # 1 MiB at a time
+        file.write(graph.additions.SerializeToString())
+        file.flush()
+        try:
+            onnx.checker.check_model(file.name)  # by path: the C++ checker reads the file, Python holds no copy
+        except onnx.checker.ValidationError as error:
+            reason = str(error).splitlines()[0]
+            if "single static assignment" in reason:  # a name the additions use is taken inside the backbone
+                name = next(e.value for e in graph.additions.metadata_props if e.key == "final_tensor_name")
+                raise ValueError(f"--final_tensor_name {name!r} is already a name inside the backbone "
+                                 f"({reason}); pick another") from None
+            raise ValueError(f"{path}: the retrained graph is not valid ONNX ({reason})") from None
+
+    write_file_atomically(path, fill)
     return path
 
 
