@@ -39,6 +39,11 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print) -> di
 
     # 1-3. Images, their labels and splits, their bottlenecks.
     dataset = load_dataset(settings, log)
+    if not _wants_distortions(settings):
+        # Only the distortions run the network again. Its onnxruntime session holds the memory arena of the batches
+        # (about 0.9 GB after batches of 32) for as long as it lives, so it goes now; the export needs only the
+        # backbone's file and sidecar (benchmarks/README.md, "Memory of a whole run").
+        dataset = dataset._replace(backbone=dataset.backbone._replace(session=None))
     backbone, labels = dataset.backbone, dataset.labels
     train_x, train_y, train_files = dataset.split("training")
     validation_x, validation_y, _ = dataset.split("validation")
