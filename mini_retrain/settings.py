@@ -19,6 +19,7 @@ class RetrainSettings:
     bottleneck_dir: Path | None = None  # default: the per-user cache (bottlenecks are keyed by content)
     backbone: Path | None = None
     device: str = "auto"
+    precision: str = "fp32"  # or "int8": the backbone quantised from the float32 one (build/quantize.py)
     how_many_training_steps: int = 4000
     learning_rate: float = 0.01
     testing_percentage: float = 10.0

@@ -20,11 +20,12 @@ import numpy as np
 from mini_retrain.build.backbone_build import ensure_backbone, sidecar_path
 
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("fp32", "int8")  # float32 (the default), or the int8 file quantised from it (build/quantize.py)
 REQUIRED_SIDECAR_KEYS = ("input_name", "input_size", "input_mean", "input_std", "bottleneck_output", "bottleneck_size")
 
 
 class Backbone(NamedTuple):
-    session: Any  # onnxruntime.InferenceSession
+    session: Any  # onnxruntime.InferenceSession; None once released (retrain drops it after the bottlenecks)
     path: Path
     sidecar: dict[str, Any]
     provider: str  # the execution provider actually used, e.g. "CPUExecutionProvider"
@@ -82,11 +83,35 @@ def session_options():
     return options
 
 
-def load_backbone(path: str | Path | None = None, device: str = "auto", verbose: bool = True) -> Backbone:
-    """Open the backbone ONNX in an onnxruntime session (building the default one on first use)."""
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def at_precision(path: Path, precision: str) -> Path:
+    """The backbone file to run at `precision`: `path` itself when its sidecar says it is that precision; for
+    int8, the file quantised from a float32 `path` (beside it, built on first use: pipeline/calibration.py)."""
+    from mini_retrain.pipeline.calibration import ensure_int8_backbone
+
+    check_precision(precision)
+    have = read_sidecar(path).get("precision", "fp32")
+    if have == precision:
+        return path
+    if precision == "int8" and have == "fp32":
+        return ensure_int8_backbone(path)
+    raise ValueError(f"{path}: the backbone is {have}; pass --precision {have}, or the float32 file it was made from")
+
+
+def load_backbone(path: str | Path | None = None, device: str = "auto", verbose: bool = True,
+                  precision: str = "fp32") -> Backbone:
+    """Open the backbone ONNX in an onnxruntime session (building the default one on first use).
+
+    precision "int8" opens the int8 file quantised from the float32 one (quantised on first use)."""
     import onnxruntime
 
-    path = ensure_backbone(path)
+    check_precision(precision)  # before building anything
+    path = at_precision(ensure_backbone(path), precision)
     sidecar = read_sidecar(path)
     providers, message = choose_providers(device, onnxruntime.get_available_providers())
     if message and verbose:

@@ -42,15 +42,15 @@ class Dataset(NamedTuple):
 def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print) -> Dataset:
     """Steps 1-3: find the images, split them, get their bottlenecks (cached); report duplicates.
 
-    Uses image_dir, validation_percentage, testing_percentage, backbone, device, bottleneck_dir, on_bad_image and
-    fast_decode of `settings`. The folder is listed and split before the backbone is loaded (or built), so a missing
+    Uses image_dir, validation_percentage, testing_percentage, backbone, device, precision, bottleneck_dir, on_bad_image
+    and fast_decode of `settings`. The folder is listed and split before the backbone is loaded (or built), so a missing
     folder, a single class or bad percentages are reported at once.
     """
     image_dir = Path(settings.image_dir)
     image_lists, warnings = find_images(image_dir)
     splits, split_warnings = split_image_lists(image_lists, settings.validation_percentage,
                                                settings.testing_percentage)
-    backbone = load_backbone(settings.backbone, settings.device)
+    backbone = load_backbone(settings.backbone, settings.device, precision=settings.precision)
     for warning in warnings + split_warnings:
         log(warning)
     labels = list(splits)  # class index order = sorted label order
