@@ -114,9 +114,9 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
 def add_precision_flag(parser: argparse.ArgumentParser) -> None:
     """--precision, for every command that computes bottlenecks (the retrained graph then carries that backbone)."""
     parser.add_argument("--precision", choices=("fp32", "int8"), default="fp32",
-                        help="the backbone's arithmetic: fp32, or int8 (quantised from the float32 file on first use "
-                        "and cached beside it; about 2 x faster bottlenecks on CPUs with VNNI, slightly different "
-                        "numbers, cached apart; see README, Performance)")
+                        help="the backbone's arithmetic: fp32, or int8 (quantised from the float32 file on first use, "
+                        "beside it): 1.6 to 1.8 x faster bottlenecks on a 2-core AVX2 CPU, more with VNNI; about 1%% "
+                        "different numbers, cached apart (README, Performance)")
 
 
 def _add_backbone_flags(parser: argparse.ArgumentParser) -> None:
