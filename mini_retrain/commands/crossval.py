@@ -166,7 +166,7 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
              log: Callable[[str], None] = print) -> dict:
     """`mini_retrain crossval`: load every image's bottleneck (cached), cross-validate, write the JSON; return it.
 
-    Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, how_many_training_steps, learning_rate,
+    Uses image_dir, bottleneck_dir, backbone, device, precision, on_bad_image, how_many_training_steps, learning_rate,
     train_batch_size, random_seed and positive_label of `settings`; the split percentages are ignored.
     """
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them

@@ -159,8 +159,8 @@ def sweep(settings: RetrainSettings, learning_rates: list[float], training_steps
           log: Callable[[str], None] = print) -> dict:
     """`mini_retrain sweep`: load the bottlenecks (cached) and the hash split, run the grid search, write the JSON.
 
-    Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, validation_percentage, testing_percentage,
-    train_batch_size, random_seed and positive_label of `settings`.
+    Uses image_dir, bottleneck_dir, backbone, device, precision, on_bad_image, validation_percentage,
+    testing_percentage, train_batch_size, random_seed and positive_label of `settings`.
     """
     output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
     dataset = load_dataset(settings, log)
