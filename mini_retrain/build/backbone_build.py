@@ -327,6 +327,7 @@ def backbone_sidecar(onnx_sha256: str) -> dict[str, Any]:
         "spatial_output": SPATIAL_OUTPUT,
         "spatial_shape": [2048, 8, 8],
         "format": BACKBONE_FORMAT,
+        "precision": "fp32",  # build/quantize.py writes an "int8" one from this file
         # layer -> its pooled output, its size, and the feature map (name, [C, H, W]) the pool averages
         "layers": {BOTTLENECK_OUTPUT: {"output": BOTTLENECK_OUTPUT, "size": 2048, "feature_map": SPATIAL_OUTPUT,
                                        "feature_shape": [2048, 8, 8]}}

@@ -198,7 +198,7 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
              log: Callable[[str], None] = print) -> dict:
     """`mini_retrain crossval`: load every image's bottleneck (cached), cross-validate, write the JSON; return it.
 
-    Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, bottleneck_layers, how_many_training_steps,
+    Uses image_dir, bottleneck_dir, backbone, device, precision, on_bad_image, bottleneck_layers, how_many_training_steps,
     learning_rate, train_batch_size, class_balancing, random_seed, positive_label, report, the distortion flags and
     distorted_copies of `settings`; the split percentages are ignored. Every flag and output is checked before the
     first image is decoded.

@@ -76,6 +76,12 @@ def retrain(settings: RetrainSettings, log: Callable[[str], None] = print,
     elif distortions_requested(distortions):
         train_copies = distorted_copies_of(dataset, np.flatnonzero(dataset.splits == "training"), settings,
                                            distortions, log)
+    if distorted is None:
+        # Only --distort_every_step runs the network again. Its onnxruntime session holds the memory arena of the
+        # batches (about 0.75 GB after batches of 32) for as long as it lives, so it goes now; the export needs only
+        # the backbone's file and sidecar (benchmarks/README.md, "Memory of a whole run").
+        backbone = backbone._replace(session=None)
+        dataset = dataset._replace(backbone=backbone)
     step_log = (lambda line: None) if progress is not None else log
     on_step, intermediate = (_intermediate_writer(settings, backbone, labels, step_log)
                              if settings.intermediate_store_frequency > 0 else (None, []))

@@ -216,7 +216,7 @@ def sweep(settings: RetrainSettings, learning_rates: list[float], how_many_train
     """`mini_retrain sweep`: load the bottlenecks (cached) and the hash split, make (or find) the distorted copies of
     the training films for each named distortion setting, run the grid search, write the JSON.
 
-    Uses image_dir, bottleneck_dir, backbone, device, on_bad_image, validation_percentage, testing_percentage,
+    Uses image_dir, bottleneck_dir, backbone, device, precision, on_bad_image, validation_percentage, testing_percentage,
     train_batch_size, random_seed, positive_label, distorted_copies and fast_decode of `settings`, and its
     bottleneck_layers as alternatives separated by ';' (parse_layer_choices); its own distortion flags are not used
     (the settings to compare are `distortions`, default [("none", no distortion)]). Every flag and output is checked

@@ -56,8 +56,9 @@ images narrow the gap (fit on 5, some photos fall among the held-out X-rays), so
 check as meaningful from about 16 training images; with more, the covariance learns how X-rays
 vary and the shrinkage toward "every direction varies alike" fades.
 
-Cost: each of the K + 1 fits works with the n x n Gram matrix (O(n^2 d + n^3)), never a d x d
-eigendecomposition; 1000 images x 2048 features fit in about 1-2 s on 2 cores.
+Cost: each of the K + 1 fits works with the smaller Gram matrix, n x n or d x d: O(min(n, d)^2 max(n, d)) time and
+min(n, d)^2 memory (10k images: d x d = 32 MB, where n x n would be 800 MB per matrix and an n^3 Cholesky);
+1000 images x 2048 features fit in about 1-2 s on 2 cores.
 """
 
 from __future__ import annotations
@@ -87,21 +88,25 @@ class OODModel(NamedTuple):
 
 
 class _ShrunkGaussian(NamedTuple):
-    """Sigma = a X^T X + f I, kept in n x n form (n training images, usually far fewer than d).
+    """Sigma = a X^T X + f I, kept as the Cholesky factor of the smaller of its two Gram forms.
 
-    X (n, d) holds each training feature vector minus its class mean, a = (1 - s) / n and
-    f = s m, so a X^T X = (1 - s) S. Distances never need the d x d matrix: by the Woodbury identity
+    X (n, d) holds each training feature vector minus its class mean, a = (1 - s) / n and f = s m, so
+    a X^T X = (1 - s) S. With fewer images than features (n <= d, the usual case), distances never need the d x d
+    matrix: by the Woodbury identity
 
         Sigma^-1 = (I - a X^T (a X X^T + f I)^-1 X) / f,
 
     so with the Cholesky factor L L^T = a X X^T + f I (n x n) and k = X z,
 
         z^T Sigma^-1 z = (||z||^2 - a ||L^-1 k||^2) / f.
+
+    With more images than features (n > d), L is the d x d factor of Sigma itself and z^T Sigma^-1 z = ||L^-1 z||^2:
+    an n x n matrix would cost n^2 memory and n^3 time (10k images: 800 MB per matrix).
     """
 
     means: np.ndarray  # (classes, d) float64, NaN rows for a class absent from this fit
-    deviations: np.ndarray  # (n, d) X: each training feature vector minus its class mean
-    cholesky: np.ndarray  # (n, n) lower-triangular L with L L^T = a X X^T + f I
+    deviations: np.ndarray | None  # (n, d) X when n <= d (Woodbury form), else None
+    cholesky: np.ndarray  # lower-triangular L: (n, n) with L L^T = a X X^T + f I, or (d, d) with L L^T = Sigma
     weight: float  # a = (1 - s) / n
     floor: float  # f = s m, the variance Sigma keeps in every direction
     shrinkage: float  # s
@@ -109,53 +114,65 @@ class _ShrunkGaussian(NamedTuple):
 
 def power_normalise(bottlenecks: np.ndarray) -> np.ndarray:
     """r(x) = sign(x) sqrt(|x|), elementwise: makes skewed, non-negative pool_3 features closer to Gaussian."""
-    return np.sign(bottlenecks) * np.sqrt(np.abs(bottlenecks))
+    root = np.sqrt(np.abs(bottlenecks))  # one new array, then everything in place
+    return np.copysign(root, bottlenecks, out=root)
 
 
 def _shrunk_gaussian(features: np.ndarray, labels: np.ndarray, class_count: int) -> _ShrunkGaussian:
-    """Class means + Ledoit-Wolf shrunk pooled covariance, for float64 (n, d) features."""
+    """Class means + Ledoit-Wolf shrunk pooled covariance, for float64 (n, d) features.
+
+    Everything comes from one Gram matrix, the smaller of X X^T (n x n) and X^T X (d x d): both have the same trace
+    and the same Frobenius norm, which is all that Ledoit-Wolf needs."""
     n, d = features.shape
     means = np.full((class_count, d), np.nan)  # (classes, d); NaN rows for classes with no images here
     for c in np.unique(labels):
         means[c] = features[labels == c].mean(axis=0)
     deviations = features - means[labels]  # (n, d) X: each image minus its own class mean
-    gram = deviations @ deviations.T  # (n, n) X X^T, all dot products x_j . x_k
+    woodbury = n <= d
+    gram = deviations @ deviations.T if woodbury else deviations.T @ deviations  # (n, n) X X^T, or (d, d) X^T X
 
     # Ledoit & Wolf (2004), with the normalised norm ||A||^2 = trace(A A^T) / d:
     #   S = X^T X / n,  m = trace(S) / d,  delta^2 = ||S - m I||^2 = ||S||_F^2 / d - m^2,
     #   beta_bar^2 = (1/n^2) sum_k ||x_k x_k^T - S||^2,  s = min(beta_bar^2, delta^2) / delta^2.
-    # Everything comes from the Gram matrix: trace(S) = trace(X X^T) / n,
-    # ||S||_F^2 = ||X X^T||_F^2 / n^2, and since ||x x^T - S||_F^2 = ||x||^4 - 2 x^T S x + ||S||_F^2
-    # with sum_k x_k^T S x_k = n ||S||_F^2, beta_bar^2 = (mean_k ||x_k||^4 - ||S||_F^2) / (n d).
-    norms2 = np.diag(gram)  # (n,) ||x_k||^2
+    # trace(S) = sum_k ||x_k||^2 / n and ||S||_F^2 = ||X X^T||_F^2 / n^2 = ||X^T X||_F^2 / n^2; since
+    # ||x x^T - S||_F^2 = ||x||^4 - 2 x^T S x + ||S||_F^2 with sum_k x_k^T S x_k = n ||S||_F^2,
+    # beta_bar^2 = (mean_k ||x_k||^4 - ||S||_F^2) / (n d).
+    norms2 = np.einsum("kj,kj->k", deviations, deviations)  # (n,) ||x_k||^2
     m = norms2.sum() / n / d
     if m <= 0.0:
         raise ValueError(
             "bottlenecks do not vary within any class (every image equals its class mean); "
             "the OOD model needs at least two different images of some class"
         )
-    frobenius2 = np.sum(gram * gram) / (n * n)  # ||S||_F^2
+    frobenius2 = np.vdot(gram, gram) / (n * n)  # ||S||_F^2
     delta2 = frobenius2 / d - m * m
     beta2_bar = (np.mean(norms2 * norms2) - frobenius2) / (n * d)
     shrinkage = 1.0 if delta2 <= 0.0 else min(beta2_bar, delta2) / delta2
     shrinkage = float(min(1.0, max(shrinkage, MIN_SHRINKAGE)))
 
     weight, floor = (1.0 - shrinkage) / n, shrinkage * m
-    cholesky = np.linalg.cholesky(weight * gram + floor * np.eye(n))  # (n, n)
-    return _ShrunkGaussian(means, deviations, cholesky, weight, floor, shrinkage)
+    gram *= weight
+    gram[np.diag_indices_from(gram)] += floor  # in place: a X X^T + f I, or a X^T X + f I = Sigma
+    cholesky = np.linalg.cholesky(gram)  # (n, n) or (d, d)
+    return _ShrunkGaussian(means, deviations if woodbury else None, cholesky, weight, floor, shrinkage)
 
 
-def _woodbury_distance(gaussian: _ShrunkGaussian, features: np.ndarray) -> np.ndarray:
-    """(q,) distance of (q, d) features to the nearest class mean, via the n x n Woodbury form."""
+def _squared_distances(gaussian: _ShrunkGaussian, z: np.ndarray) -> np.ndarray:
+    """(q,) z^T Sigma^-1 z of (q, d) vectors z, from the Cholesky factor (see _ShrunkGaussian)."""
+    if gaussian.deviations is None:  # L L^T = Sigma
+        solved = solve_triangular(gaussian.cholesky, z.T, lower=True)  # (d, q) L^-1 z
+        return np.sum(solved * solved, axis=0)
+    k = z @ gaussian.deviations.T  # (q, d) @ (d, n) -> (q, n)
+    solved = solve_triangular(gaussian.cholesky, k.T, lower=True)  # (n, q) L^-1 k
+    return (np.sum(z * z, axis=1) - gaussian.weight * np.sum(solved * solved, axis=0)) / gaussian.floor
+
+
+def _nearest_class_distance(gaussian: _ShrunkGaussian, features: np.ndarray) -> np.ndarray:
+    """(q,) distance of (q, d) features to the nearest class mean."""
     squared = np.full((features.shape[0], gaussian.means.shape[0]), np.inf)  # (q, classes)
     for c, mean in enumerate(gaussian.means):
-        if np.isnan(mean[0]):
-            continue  # class absent from this fold's training part
-        z = features - mean  # (q, d)
-        k = z @ gaussian.deviations.T  # (q, d) @ (d, n) -> (q, n)
-        solved = solve_triangular(gaussian.cholesky, k.T, lower=True)  # (n, q) L^-1 k
-        inside = gaussian.weight * np.sum(solved * solved, axis=0)  # (q,) a ||L^-1 k||^2
-        squared[:, c] = (np.sum(z * z, axis=1) - inside) / gaussian.floor
+        if not np.isnan(mean[0]):  # NaN: class absent from this fold's training part
+            squared[:, c] = _squared_distances(gaussian, features - mean)
     return np.sqrt(np.maximum(squared.min(axis=1), 0.0))
 
 
@@ -167,8 +184,11 @@ def stratified_folds(labels: np.ndarray, folds: int) -> np.ndarray:
 
 
 def shrunk_precision(gaussian: _ShrunkGaussian) -> np.ndarray:
-    """The (d, d) Sigma^-1, once, for fast use at prediction time (Woodbury, as in _ShrunkGaussian):
-    Sigma^-1 = (I - a W^T W) / f,   W = L^-1 X  (n, d)."""
+    """The (d, d) Sigma^-1, once, for fast use at prediction time:
+    Woodbury: (I - a W^T W) / f with W = L^-1 X (n, d);  otherwise (L L^T)^-1 = L^-T L^-1."""
+    if gaussian.deviations is None:
+        inverse = solve_triangular(gaussian.cholesky, np.eye(len(gaussian.cholesky)), lower=True)  # (d, d) L^-1
+        return inverse.T @ inverse
     solved = solve_triangular(gaussian.cholesky, gaussian.deviations, lower=True)  # (n, d)
     precision = -gaussian.weight * (solved.T @ solved)  # (d, n) @ (n, d) -> (d, d)
     precision[np.diag_indices_from(precision)] += 1.0
@@ -185,7 +205,7 @@ def _held_out_distances(features: np.ndarray, labels: np.ndarray, class_count: i
     for k in range(folds):
         held_out = fold == k
         gaussian = _shrunk_gaussian(features[~held_out], labels[~held_out], class_count)
-        distances[held_out] = _woodbury_distance(gaussian, features[held_out])
+        distances[held_out] = _nearest_class_distance(gaussian, features[held_out])
     return distances
 
 
@@ -209,10 +229,9 @@ def fit_ood_model(
         raise ValueError(
             f"the OOD model needs at least {class_count + 2} training images for {class_count} classes, got {n}"
         )
-    gaussian = _shrunk_gaussian(features, labels, class_count)
-    held_out = _held_out_distances(features, labels, class_count)
+    held_out = _held_out_distances(features, labels, class_count)  # first: its K fits are freed before the last
     threshold = THRESHOLD_MARGIN * float(np.quantile(held_out, quantile))
-
+    gaussian = _shrunk_gaussian(features, labels, class_count)
     return OODModel(
         means=gaussian.means.astype(np.float32),
         precision=shrunk_precision(gaussian).astype(np.float32),

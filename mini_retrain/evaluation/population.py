@@ -35,7 +35,7 @@ import numpy as np
 
 from mini_retrain.core.checks import check_bottlenecks
 from mini_retrain.evaluation.ood import (
-    MAX_FOLDS, _shrunk_gaussian, _woodbury_distance, shrunk_precision, stratified_folds)
+    MAX_FOLDS, _shrunk_gaussian, _nearest_class_distance, shrunk_precision, stratified_folds)
 
 POPULATION_LAYER = "mixed_6"  # the block whose global average the distance is measured on (chosen by measurement)
 COMPONENTS = 160  # k principal components kept (at most n - 1)
@@ -77,7 +77,7 @@ def _fit(features: np.ndarray, components: int) -> _Fit:
 def _distance(fit: _Fit, features: np.ndarray) -> np.ndarray:
     """(q,) distance of (q, d) averages under `fit`."""
     scores = (features - fit.mean) @ fit.components  # (q, d) @ (d, k) -> (q, k)
-    return _woodbury_distance(fit.gaussian, scores)
+    return _nearest_class_distance(fit.gaussian, scores)
 
 
 def fit_population_model(pooled: np.ndarray, layer: str = POPULATION_LAYER, components: int = COMPONENTS,

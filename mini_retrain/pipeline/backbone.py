@@ -19,13 +19,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from mini_retrain.build.backbone_build import ensure_backbone, sidecar_path
-from mini_retrain.settings import DEVICES
+from mini_retrain.settings import DEVICES, PRECISIONS
 
 REQUIRED_SIDECAR_KEYS = ("input_name", "input_size", "input_mean", "input_std", "bottleneck_output", "bottleneck_size")
 
 
 class Backbone(NamedTuple):
-    session: Any  # onnxruntime.InferenceSession
+    session: Any  # onnxruntime.InferenceSession; None once released (retrain drops it after the bottlenecks)
     path: Path
     sidecar: dict[str, Any]
     provider: str  # the execution provider actually used, e.g. "CPUExecutionProvider"
@@ -86,15 +86,38 @@ def session_options(threads: int | None = None):
     return options
 
 
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def at_precision(path: Path, precision: str, log: Callable[[str], None] = print) -> Path:
+    """The backbone file to run at `precision`: `path` itself when its sidecar says it is that precision; for
+    int8, the file quantised from a float32 `path` (beside it, built on first use: pipeline/calibration.py)."""
+    from mini_retrain.pipeline.calibration import ensure_int8_backbone
+
+    check_precision(precision)
+    have = read_sidecar(path).get("precision", "fp32")
+    if have == precision:
+        return path
+    if precision == "int8" and have == "fp32":
+        return ensure_int8_backbone(path, log)
+    raise ValueError(f"{path}: the backbone is {have}; pass --precision {have}, or the float32 file it was made from")
+
+
 def load_backbone(path: str | os.PathLike | None = None, device: str = "auto",
-                  log: Callable[[str], None] = print, threads: int | None = None) -> Backbone:
+                  log: Callable[[str], None] = print, threads: int | None = None,
+                  precision: str = "fp32") -> Backbone:
     """Open the backbone ONNX in an onnxruntime session (building the default one on first use).
 
     log receives the line naming the provider used, and a WARNING when CUDA was asked for but is missing.
-    threads: see session_options."""
+    threads: see session_options. precision "int8" opens the int8 file quantised from the float32 one (quantised
+    on first use, beside it)."""
     import onnxruntime
 
-    path = ensure_backbone(path, log)
+    check_precision(precision)  # before building anything
+    path = at_precision(ensure_backbone(path, log), precision, log)
     sidecar = read_sidecar(path)
     providers, message = choose_providers(device, onnxruntime.get_available_providers())
     if message:

@@ -27,7 +27,6 @@ cluster compute the batches instead (pipeline/cluster.py); the cache, the keys a
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import re
 import stat
@@ -41,7 +40,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from mini_retrain.paths import write_bytes_atomically
+from mini_retrain.paths import write_file_atomically
 from mini_retrain.pipeline.backbone import DEFAULT_LAYER, Backbone, backbone_input, layer_sizes, run_backbone
 from mini_retrain.pipeline.images import BadImageError, file_sha1, read_image
 
@@ -107,11 +106,11 @@ def load_store(folder: Path, log: Callable[[str], None] = print,
 
 
 def write_shard(folder: Path, keys: list[str], values: np.ndarray) -> Path:
-    """Write one shard atomically (temporary file in the same folder, then rename)."""
-    buffer = io.BytesIO()
-    np.savez(buffer, keys=np.array(keys, dtype="<U40"), bottlenecks=np.asarray(values, np.float32))
+    """Write one shard atomically (temporary file in the same folder, then rename), straight to the file: no copy
+    of the values in memory (a merged store of 10k images is 80 MB)."""
     name = f"shard-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.npz"
-    return write_bytes_atomically(folder / name, buffer.getvalue())
+    return write_file_atomically(folder / name, lambda file: np.savez(
+        file, keys=np.array(keys, dtype="<U40"), bottlenecks=np.asarray(values, np.float32)))
 
 
 def compact_store(folder: Path, log: Callable[[str], None] = print) -> None:

@@ -63,7 +63,8 @@ def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print,
                  extra_layers: tuple[str, ...] = (), optional_layers: tuple[str, ...] = ()) -> Dataset:
     """Steps 1-3: find the images, split them, get their bottlenecks (cached); report duplicates.
 
-    Uses image_dir, validation_percentage, testing_percentage, group_pattern, backbone, device, bottleneck_dir,
+    Uses image_dir, validation_percentage, testing_percentage, group_pattern, backbone, device, precision,
+    bottleneck_dir,
     on_bad_image, fast_decode, bottleneck_layers, positive_label and dask_scheduler of `settings`. The folder is listed
     and split, and the Dask scheduler reached, before the backbone is loaded (or built), so an unreachable scheduler,
     a bad --group_pattern, a missing folder, a single class, bad
@@ -91,7 +92,7 @@ def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print,
         from mini_retrain.pipeline.cluster import check_scheduler
 
         check_scheduler(settings.dask_scheduler)
-    backbone = load_backbone(settings.backbone, settings.device, log)
+    backbone = load_backbone(settings.backbone, settings.device, log, precision=settings.precision)
     offered = offered_layers(backbone.sidecar)
     wanted = extra_layers + tuple(layer for layer in optional_layers if layer in offered)
     every_layer = layers + tuple(dict.fromkeys(layer for layer in wanted if layer not in layers))

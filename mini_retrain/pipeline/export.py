@@ -101,6 +101,7 @@ def build_retrained_model(
         "feature_maps": json.dumps(feature_maps),
         "spatial_output": sidecar.get("spatial_output", ""),
         "backbone_sha256": sidecar.get("onnx_sha256", ""),
+        "precision": backbone.sidecar.get("precision", "fp32"),  # the backbone's arithmetic: fp32, or int8
         "fast_decode": "1" if fast_decode else "0",
     }
     if ood is not None:
