@@ -137,8 +137,11 @@ def main() -> None:
 
         rng = np.random.default_rng(0)
 
+        from mini_retrain.pipeline.backbone import layer_sizes
+
         def stub(backbone, images, spatial=False, layers=None):
-            return np.abs(rng.normal(size=(len(images), backbone.sidecar["bottleneck_size"]))).astype(np.float32)
+            width = sum(layer_sizes(backbone.sidecar, tuple(layers or ("pool_3",))))  # the layers side by side
+            return np.abs(rng.normal(size=(len(images), width))).astype(np.float32)
 
         bottlenecks_module.run_backbone = stub
 

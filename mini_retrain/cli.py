@@ -248,6 +248,8 @@ def _add_precision_flag(parser: argparse.ArgumentParser) -> None:
                         help="the backbone's arithmetic: fp32, or int8 (quantised from the float32 file on first use, "
                         "beside it): 1.6 to 1.8 x faster bottlenecks on a 2-core AVX2 CPU, more with VNNI; about 1%% "
                         "different numbers, cached apart (README, Performance)")
+
+
 def _add_distortion_flags(parser: argparse.ArgumentParser) -> None:
     """retrain.py's four distortions, the four for X-rays, and how many cached copies (retrain, crossval)."""
     parser.add_argument("--flip_left_right", action="store_true", help="randomly mirror training images horizontally")

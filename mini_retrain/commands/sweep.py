@@ -120,7 +120,7 @@ def grid_search(dataset: Dataset, learning_rates: list[float], how_many_training
     for line in _table(rows, best):
         log(line)
     chosen = rows[best]
-    log(f"Chosen on validation only (highest accuracy; ties: lowest cross-entropy): "
+    log("Chosen on validation only (highest accuracy; ties: lowest cross-entropy): "
         + (f"distortions {chosen['distortions']}, " if len({row['distortions'] for row in rows}) > 1 else "")
         + f"learning_rate {chosen['learning_rate']:g}, {chosen['how_many_training_steps']} steps, "
         f"class balancing {chosen['class_balancing']}"
