@@ -157,3 +157,31 @@ def test_standardised_training_folds_back_into_the_same_function():
     by_hand = folded(train_layer((x - mean) / scale, y, 2, np.random.default_rng(1), **knobs), mean, scale)
     np.testing.assert_allclose(trained.weights, by_hand.weights, rtol=1e-6)
     assert standardises(("mixed_8",)) and standardises(("pool_3", "mixed_8")) and not standardises(("pool_3",))
+
+
+@pytest.mark.parametrize("layers", ["mixed_8", "mixed_6,pool_3"])
+def test_an_intermediate_graph_of_earlier_layers_becomes_the_full_graph_of_those_layers(
+        tiny_layered_backbone, layered, tmp_path, layers, capsys):
+    """--intermediate_store_frequency with --bottleneck_layers: the small graph reads the chosen averages, and
+    attach_backbone connects it to those layers (not to pool_3), giving the small graph's probabilities."""
+    import onnx
+    import onnxruntime
+
+    from mini_retrain.pipeline.export import attach_backbone
+
+    image_dir = tmp_path / "images"
+    write_images(image_dir, 8)
+    assert main(retrain_argv(image_dir, tmp_path, tiny_layered_backbone, layers,
+                             "--intermediate_store_frequency", "100")) == 0
+    intermediate = tmp_path / "intermediate_graphs" / "intermediate_100.onnx"
+    small = onnx.load(str(intermediate))
+    metadata = {entry.key: entry.value for entry in small.metadata_props}
+    assert metadata["bottleneck_layers"] == layers
+    full = attach_backbone(intermediate, layered)
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 299, 299)).astype(np.float32)
+    session = onnxruntime.InferenceSession(full.SerializeToString(), providers=["CPUExecutionProvider"])
+    probabilities = session.run(["final_result"], {"images": x})[0]
+    features = run_backbone(layered, x, layers=tuple(layers.split(",")))  # (2, D) the chosen averages
+    small_session = onnxruntime.InferenceSession(str(intermediate), providers=["CPUExecutionProvider"])
+    expected = small_session.run(["final_result"], {small.graph.input[0].name: features})[0]
+    np.testing.assert_allclose(probabilities, expected, atol=1e-5)

@@ -294,7 +294,8 @@ def _intermediate_writer(settings: RetrainSettings, backbone, labels: list[str],
         if step > 0 and step % settings.intermediate_store_frequency == 0:
             path = folder / f"intermediate_{step}.onnx"
             model = build_final_layer_model(backbone, layer.weights, layer.biases, labels, settings.final_tensor_name,
-                                            settings.fast_decode, step)
+                                            settings.fast_decode, step,
+                                            layers=parse_layers(settings.bottleneck_layers))
             write_retrained_graph(path, model)
             written.append(path)
             log(f"Save intermediate result to : {path}")

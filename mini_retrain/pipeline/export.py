@@ -121,21 +121,28 @@ def build_retrained_model(
 
 
 def build_final_layer_model(backbone: Backbone, weights: np.ndarray, biases: np.ndarray, labels: list[str],
-                            final_tensor_name: str = "final_result", fast_decode: bool = False, step: int = 0):
+                            final_tensor_name: str = "final_result", fast_decode: bool = False, step: int = 0,
+                            layers: tuple[str, ...] | None = None):
     """The final layer alone as a small ONNX graph, for retrain's intermediate graphs:
 
         final_result = softmax(bottleneck @ final_weights + final_biases)      # (N, D) @ (D, C) + (C,)
 
     Its input is the bottleneck, not the image: copying the 84 MB backbone into every intermediate graph would only
     repeat the same bytes. The metadata names the backbone by its SHA-256 (`backbone_sha256`); `attach_backbone`
-    puts the two together into a graph `label` and `explain` can read."""
+    puts the two together into a graph `label` and `explain` can read. layers: as in build_retrained_model; the
+    input is the pooled output of the one layer, else `final_input`, the layers side by side (metadata
+    `bottleneck_layers`)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
+    layers = tuple(layers or (DEFAULT_LAYER,))
     weights = np.asarray(weights, np.float32)  # (D, C)
     biases = np.asarray(biases, np.float32)  # (C,)
-    bottleneck = backbone.sidecar["bottleneck_output"]
+    pooled = layer_outputs(backbone.sidecar, layers, "--bottleneck_layers")
+    bottleneck = pooled[0] if len(pooled) == 1 else "final_input"
     size, classes = weights.shape
+    if size != sum(layer_sizes(backbone.sidecar, layers)):
+        raise ValueError(f"final layer {weights.shape} does not fit layers {','.join(layers)}")
     graph = helper.make_graph(
         [helper.make_node("MatMul", [bottleneck, "final_weights"], ["final_matmul"], name="final_matmul"),
          helper.make_node("Add", ["final_matmul", "final_biases"], ["final_logits"], name="final_logits"),
@@ -149,7 +156,8 @@ def build_final_layer_model(backbone: Backbone, weights: np.ndarray, biases: np.
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="mini_retrain")
     model.ir_version = 8
     metadata = {FINAL_LAYER_MARKER: __version__, "labels": json.dumps(labels), "final_tensor_name": final_tensor_name,
-                "bottleneck_output": bottleneck, "backbone_sha256": backbone.sidecar.get("onnx_sha256", ""),
+                "bottleneck_output": bottleneck, "bottleneck_layers": ",".join(layers),
+                "backbone_sha256": backbone.sidecar.get("onnx_sha256", ""),
                 "fast_decode": "1" if fast_decode else "0", "step": str(step)}
     for key, value in metadata.items():
         entry = model.metadata_props.add()
@@ -176,7 +184,8 @@ def attach_backbone(final_layer_graph: str | Path, backbone: Backbone):
     tensors = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     return build_retrained_model(backbone, tensors["final_weights"], tensors["final_biases"],
                                  json.loads(metadata["labels"]), metadata["final_tensor_name"],
-                                 fast_decode=metadata.get("fast_decode") == "1")
+                                 fast_decode=metadata.get("fast_decode") == "1",
+                                 layers=tuple(metadata.get("bottleneck_layers", DEFAULT_LAYER).split(",")))
 
 
 def _expose_feature_maps(graph, sidecar: dict[str, Any], layers: tuple[str, ...]) -> dict[str, str]:
