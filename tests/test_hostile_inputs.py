@@ -434,3 +434,22 @@ def test_label_and_explain_on_a_folder_without_images(hostile, tmp_path, command
     (empty / "notes.txt").write_text("no images\n")
     assert_one_line_error(*run_cli([command, "--graph", folder / "out" / "graph.onnx", "--image", empty]),
                           f"{empty}: no images found; pass image files or a folder")
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["crossval", "--image_dir", "IMAGES", "--output_json", "FOLDER"], "--output_json"),
+    (["sweep", "--image_dir", "IMAGES", "--output_json", "FOLDER"], "--output_json"),
+    (["recalibrate", "--graph", "g.onnx", "--image_dir", "IMAGES", "--output", "FOLDER"], "--output"),
+])
+def test_an_unwritable_output_of_crossval_sweep_or_recalibrate_is_one_line_before_any_work(tmp_path, capsys, argv,
+                                                                                          flag):
+    """The three share settings.check_writable with retrain: an output that is a folder fails at once, naming it
+    (before the images are listed: the image folder does not even exist)."""
+    from mini_retrain.cli import main
+
+    folder = tmp_path / "out.onnx"  # a folder whose name ends in .onnx, so recalibrate's suffix check passes
+    folder.mkdir()
+    places = {"FOLDER": str(folder), "IMAGES": str(tmp_path / "no-images")}
+    assert main([places.get(word, word) for word in argv]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "is a folder, not a file name" in err and flag in err

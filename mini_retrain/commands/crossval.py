@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -111,19 +110,6 @@ def _rate(successes: int, n: int) -> dict:
     return {"estimate": successes / n if n else None, "successes": successes, "n": n, "ci": [low, high]}
 
 
-def check_output_json(output_json: Path) -> Path:
-    """Fail early with one line if --output_json cannot be written (its folder is created if needed)."""
-    output_json = Path(output_json)
-    folder = output_json.resolve().parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ValueError(f"{output_json}: cannot create its folder ({error.strerror}); choose another output_json")
-    if output_json.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(f"{output_json}: cannot write there (a folder, or read-only); choose another output_json")
-    return output_json
-
-
 def check_folds(folds: int, image_lists: dict[str, list[str]] | None = None,
                 group_pattern: str | None = None) -> None:
     """folds before any image is decoded: an integer >= 2, and (given the listed images) no more than the smallest
@@ -208,7 +194,8 @@ def crossval(settings: RetrainSettings, folds: int = 5, output_json: Path = Path
     # 0% validation, 0% testing: every image is "training", i.e. every image takes part.
     settings = dataclasses.replace(settings, validation_percentage=0.0, testing_percentage=0.0)
     check_folds(folds)
-    output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
+    output_json = Path(output_json)
+    check_writable(output_json, "--output_json", is_folder=False)  # now, before the bottlenecks, not after them
     check_writable(bottleneck_folder(settings), "--bottleneck_dir", is_folder=True)
     if settings.report is not None:
         check_writable(settings.report, "--report", is_folder=True)

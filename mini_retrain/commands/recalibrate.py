@@ -19,7 +19,6 @@ as the fit used them, and `calibration_overlap` lets an evaluation notice when i
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.pipeline.images import file_sha1
 from mini_retrain.pipeline.image_lists import find_images, label_for_folder
 from mini_retrain.pipeline.retrained_graph import RetrainedModel, load_retrained, model_input
+from mini_retrain.settings import check_writable
 
 METADATA_KEY = "recalibration"
 BATCH_SIZE = 16  # images per run of the graph
@@ -106,10 +106,7 @@ def _check_output(graph: Path, output: Path) -> Path:
         raise ValueError(f"{output}: --output must end in .onnx")
     if output.resolve() == Path(graph).resolve():
         raise ValueError(f"{output}: --output is the --graph itself; write the recalibrated graph to a new file")
-    folder = output.resolve().parent
-    if output.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise ValueError(f"{output}: cannot write there (a folder, a missing folder, or read-only); "
-                         "choose another --output")
+    check_writable(output, "--output", is_folder=False)
     return output
 
 

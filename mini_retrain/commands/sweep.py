@@ -44,7 +44,6 @@ from pathlib import Path
 import numpy as np
 
 from mini_retrain.paths import write_bytes_atomically
-from mini_retrain.commands.crossval import check_output_json
 from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
 from mini_retrain.evaluation.population import POPULATION_LAYER
 from mini_retrain.pipeline.backbone import layer_sizes, parse_layers
@@ -223,7 +222,8 @@ def sweep(settings: RetrainSettings, learning_rates: list[float], how_many_train
     before the first image is decoded.
     """
     choices = parse_layer_choices(settings.bottleneck_layers)
-    output_json = check_output_json(output_json)  # checked now, before the bottlenecks, not after them
+    output_json = Path(output_json)
+    check_writable(output_json, "--output_json", is_folder=False)  # now, before the bottlenecks, not after them
     check_writable(bottleneck_folder(settings), "--bottleneck_dir", is_folder=True)
     distortions = distortions or [("none", NO_DISTORTIONS)]
     if len({name for name, _ in distortions}) < len(distortions):
