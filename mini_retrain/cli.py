@@ -97,9 +97,7 @@ def _add_evaluate_parser(commands) -> None:
                    "(a class may be missing)")
     p.add_argument("--json", type=Path, default=None,
                    help="write the metrics, the comparison and one row per image (as label --json, plus true) here")
-    p.add_argument("--positive_label", default=None,
-                   help="the class counted as positive for sensitivity/specificity/ROC "
-                   "(default: abnormal/tb/pneumonia/... when present)")
+    _add_positive_label_flag(p)
     p.add_argument("--report", type=Path, default=None,
                    help="write the ROC, confusion matrix and reliability plots with an index.html here "
                    "(plots need mini_retrain[report], i.e. matplotlib)")
@@ -188,11 +186,16 @@ def _add_dataset_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fast_decode", action="store_true",
                         help="decode large images faster (JPEG draft, then Image.reduce before the resize): slightly "
                         "different bottlenecks, cached apart; label and explain follow the graph's choice")
+    _add_positive_label_flag(parser)
+    parser.add_argument("--random_seed", type=int, default=default("random_seed"),
+                        help="seed for the initial weights, the batches and crossval's folds")
+
+
+def _add_positive_label_flag(parser: argparse.ArgumentParser) -> None:
+    """--positive_label, for every command that reports sensitivity, specificity and ROC (retrain, evaluate, ...)."""
     parser.add_argument("--positive_label", default=None,
                         help="the class counted as positive for sensitivity/specificity/ROC "
                         "(default: abnormal/tb/pneumonia/... when present)")
-    parser.add_argument("--random_seed", type=int, default=default("random_seed"),
-                        help="seed for the initial weights, the batches and crossval's folds")
 
 
 def _add_training_flags(parser: argparse.ArgumentParser) -> None:

@@ -168,3 +168,12 @@ def no_dask_scheduler_from_the_environment():
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MINI_RETRAIN_DASK_SCHEDULER", raising=False)
         yield
+
+
+def read_shards(folder: Path) -> dict[str, np.ndarray]:
+    """Every row of every shard-*.npz of a bottleneck store, read here with NumPy alone: key -> bottleneck."""
+    rows: dict[str, np.ndarray] = {}
+    for shard in sorted(folder.glob("shard-*.npz")):
+        with np.load(shard) as arrays:
+            rows.update(zip(arrays["keys"].tolist(), arrays["bottlenecks"]))
+    return rows

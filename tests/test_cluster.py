@@ -28,7 +28,7 @@ from PIL import Image
 from mini_retrain.cli import main
 from mini_retrain.pipeline.backbone import load_backbone
 from mini_retrain.pipeline.bottlenecks import get_bottlenecks, store_folder
-from tests.conftest import DEMO_DATA
+from tests.conftest import DEMO_DATA, read_shards
 
 distributed = pytest.importorskip("distributed")  # mini_retrain[cluster], part of the test extra
 
@@ -89,15 +89,6 @@ def with_bad_files(folder: Path, good: list[Path]) -> list[Path]:
     cut_copy.write_bytes(cut.read_bytes())
     broken.symlink_to(folder / "missing.png")
     return [good[0], text, good[1], broken, cut, good[2], empty, good[3], cut_copy] + good[4:]
-
-
-def read_shards(folder: Path) -> dict[str, np.ndarray]:
-    """Every row of every shard-*.npz, read with NumPy alone: key -> bottleneck."""
-    rows: dict[str, np.ndarray] = {}
-    for shard in sorted(folder.glob("shard-*.npz")):
-        with np.load(shard) as arrays:
-            rows.update(zip(arrays["keys"].tolist(), arrays["bottlenecks"]))
-    return rows
 
 
 def progress_lines(stderr: str) -> list[tuple[int, int]]:

@@ -299,3 +299,10 @@ def test_a_grey_film_distorted_as_one_channel_gives_the_numbers_of_its_rgb_copy(
                                   distort(np.repeat(grey, 3, axis=2), np.random.default_rng(9), every))
     with pytest.raises(ValueError, match="shape"):
         rotate_bilinear(np.zeros((4, 4, 2)), 5.0)
+
+
+def test_the_settings_and_the_distortions_name_the_same_flags_in_the_same_order():
+    """settings.DISTORTION_FLAGS (checked in RetrainSettings) and Distortions (what distort reads) list one set."""
+    from mini_retrain.settings import DISTORTION_FLAGS
+
+    assert Distortions._fields == DISTORTION_FLAGS

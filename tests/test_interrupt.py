@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from mini_retrain.cli import main
-from tests.conftest import DEMO_DATA
+from tests.conftest import DEMO_DATA, read_shards
 
 XRAYS = DEMO_DATA / "pneumonia-demo"
 PER_CLASS = 20
@@ -79,15 +79,6 @@ def seed_population_store(bottleneck_dir: Path, images: Path, backbone) -> None:
     store.mkdir(parents=True)
     np.savez(store / "shard-population.npz", keys=np.array([file_sha1(p) for p in paths], dtype="<U40"),
              bottlenecks=rows)
-
-
-def read_shards(folder: Path) -> dict[str, np.ndarray]:
-    """Every row of every shard-*.npz, read here with NumPy alone: key -> bottleneck."""
-    rows: dict[str, np.ndarray] = {}
-    for shard in sorted(folder.glob("shard-*.npz")):
-        with np.load(shard) as arrays:
-            rows.update(zip(arrays["keys"].tolist(), arrays["bottlenecks"]))
-    return rows
 
 
 def write_seed_shard(path: Path, expected: dict[str, np.ndarray], keys: list[str]) -> None:

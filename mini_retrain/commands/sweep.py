@@ -46,7 +46,7 @@ import numpy as np
 from mini_retrain.paths import write_bytes_atomically
 from mini_retrain.evaluation.metrics import evaluate, format_evaluation, wilson_interval
 from mini_retrain.evaluation.population import POPULATION_LAYER
-from mini_retrain.pipeline.backbone import layer_sizes, parse_layers
+from mini_retrain.pipeline.backbone import parse_layers, split_layers
 from mini_retrain.pipeline.dataset import Dataset, load_dataset, standardises
 from mini_retrain.pipeline.distorted_copies import distorted_copies_of
 from mini_retrain.pipeline.distortions import NO_DISTORTIONS, Distortions, describe, distortions_requested
@@ -252,8 +252,7 @@ def _copies_by_layer(dataset: Dataset, rows: np.ndarray, settings: RetrainSettin
     """The distorted copies of the training rows for every layer of the choices, from one backbone pass per copy:
     {layer: (copies, n_training, size)}."""
     copies = distorted_copies_of(dataset, rows, settings, distortions, log, layers=layers)  # (copies, n, D_all)
-    starts = np.cumsum([0] + layer_sizes(dataset.backbone.sidecar, layers))
-    return {layer: copies[:, :, start:end] for layer, start, end in zip(layers, starts[:-1], starts[1:])}
+    return split_layers(copies, dataset.backbone.sidecar, layers)
 
 
 def retrain_command(settings: RetrainSettings, chosen: dict, distortions: Distortions = NO_DISTORTIONS) -> str:

@@ -192,6 +192,12 @@ def layer_sizes(sidecar: dict[str, Any], layers: tuple[str, ...], flag: str = "l
     return [int(offered[layer]["size"]) for layer in layers]
 
 
+def split_layers(values: np.ndarray, sidecar: dict[str, Any], layers: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """run_backbone's layers side by side, (..., D1 + D2 + ...), taken apart: {layer: (..., D_layer)}, views."""
+    starts = np.cumsum([0] + layer_sizes(sidecar, layers))  # column where each layer begins
+    return {layer: values[..., start:end] for layer, start, end in zip(layers, starts[:-1], starts[1:])}
+
+
 def run_backbone(backbone: Backbone, images: np.ndarray, spatial: bool = False, layers: tuple[str, ...] | None = None):
     """Bottlenecks of a batch of backbone inputs.
 

@@ -41,7 +41,7 @@ from typing import NamedTuple
 import numpy as np
 
 from mini_retrain.paths import write_file_atomically
-from mini_retrain.pipeline.backbone import DEFAULT_LAYER, Backbone, backbone_input, layer_sizes, run_backbone
+from mini_retrain.pipeline.backbone import DEFAULT_LAYER, Backbone, backbone_input, layer_sizes, run_backbone, split_layers
 from mini_retrain.pipeline.images import BadImageError, file_sha1, read_image
 
 PREPROCESSING_VERSION = "p1"  # bump when images.py changes what pixels reach the network (or the graph its numbers)
@@ -273,8 +273,6 @@ def get_bottlenecks(
         started = time.perf_counter()
         done = 0
         progress_line(done, len(to_compute), started)
-        needed_sizes = layer_sizes(backbone.sidecar, needed)
-        starts = np.cumsum([0] + needed_sizes)  # column where each needed layer begins
         if dask_scheduler:  # the workers of a Dask cluster compute them (pipeline/cluster.py: dask is imported here)
             from mini_retrain.pipeline.cluster import compute_on_workers
 
@@ -287,11 +285,11 @@ def get_bottlenecks(
         with contextlib.closing(results):  # on Ctrl-C or an error: stop the decoding threads, cancel the tasks
             for number, batch, errors, values in results:  # values: (n_good, D) of the needed layers side by side
                 good = [i for i, error in zip(batch, errors) if error is None]
-                for layer, start, end in zip(needed, starts[:-1], starts[1:]):
+                for layer, layer_values in split_layers(values, backbone.sidecar, needed).items():
                     rows = [row for row, i in enumerate(good) if not cached(layer, keys[i])]
                     if rows:
                         batch_keys = [keys[good[row]] for row in rows]
-                        block = np.ascontiguousarray(values[rows, start:end])  # (rows, size of the layer)
+                        block = np.ascontiguousarray(layer_values[rows])  # (rows, size of the layer)
                         write_shard(folders[layer], batch_keys, block)
                         new_keys[layer].extend(batch_keys)
                         new_values[layer].append(block)

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import numpy as np
 
 from mini_retrain.core.split import SPLITS, check_group_pattern, shared_id_warning, split_image_lists
-from mini_retrain.pipeline.backbone import Backbone, layer_sizes, load_backbone, offered_layers, parse_layers
+from mini_retrain.pipeline.backbone import Backbone, layer_sizes, load_backbone, offered_layers, parse_layers, split_layers
 from mini_retrain.pipeline.bottlenecks import get_bottlenecks
 from mini_retrain.pipeline.image_lists import find_images
 from mini_retrain.settings import RetrainSettings, bottleneck_folder
@@ -118,9 +118,8 @@ def load_dataset(settings: RetrainSettings, log: Callable[[str], None] = print,
             log(f"  {path}: {reason}")
     kept = [entries[i] for i in result.kept]
     _report_duplicates(kept, result.keys, labels, log)
-    starts = np.cumsum([0] + sizes)  # column where each layer begins in result.values
-    pooled = {layer: result.values[:, start:end] for layer, start, end in zip(every_layer, starts[:-1], starts[1:])}
-    chosen = result.values if len(every_layer) == len(layers) else result.values[:, :starts[len(layers)]]
+    pooled = split_layers(result.values, backbone.sidecar, every_layer)  # layer -> (n, size), views
+    chosen = result.values if len(every_layer) == len(layers) else result.values[:, :sum(sizes[:len(layers)])]
     dataset = Dataset(image_dir, labels, [relative for _, _, relative in kept], np.array([s for s, _, _ in kept]),
                       np.array([c for _, c, _ in kept], dtype=np.int64), chosen, result.keys, backbone, layers,
                       pooled)
